@@ -1,0 +1,418 @@
+"""The one configuration system: nested dataclasses, named presets, command-line overrides.
+
+A :class:`Config` has one section per concern (data, augment, spr, model, loss, train). Every
+field of every section is a command-line flag named after the field, ``--field-name`` (field
+names are unique across sections, so no prefix is needed), for example::
+
+    python3 main.py --preset ai_challenger_w32_512 --batch-size 16 --lr 1e-3 --anchor root
+
+Resolution order: preset (or ``--config run_dir/config.json``), then explicit flags. The
+resolved config is written as ``config.json`` beside every checkpoint; :func:`load_config`
+rebuilds it from a run directory alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from config.skeletons import Skeleton, get_skeleton
+
+CONFIG_FILENAME = "config.json"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the data is and how it is batched."""
+    dataset: str = "synthetic"        # synthetic | ai_challenger | coco
+    skeleton: str = "ai_challenger"   # ai_challenger | coco (config/skeletons.py)
+    train_json: str = ""
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    synthetic_dir: str = ""           # cache of the generated synthetic set; "" = ~/.cache/spm_tf2/synthetic
+    synthetic_train_images: int = 2000
+    synthetic_val_images: int = 200
+    synthetic_seed: int = 0
+    input_height: int = 512           # network input, letterboxed
+    input_width: int = 512
+    batch_size: int = 8               # per replica; global batch = batch_size x replicas
+    shuffle_buffer: int = 1024
+    num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
+    deterministic: bool = False       # deterministic order and augmentation (uses seed)
+    seed: int = 0
+    ignore_crowd: bool = True         # COCO: crowd regions are left out of the root-map loss
+    max_val_images: int = 0           # 0 = all
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Training augmentation ranges (imgaug); validation never augments."""
+    augment: bool = True
+    rotation_deg: float = 30.0        # uniform in [-r, r]
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    translate_frac: float = 0.1       # uniform in [-t, t] of the input size
+    flip_prob: float = 0.5
+    color_mul_min: float = 0.8
+    color_mul_max: float = 1.2
+    grayscale_prob: float = 0.1
+
+
+@dataclasses.dataclass
+class SprConfig:
+    """Structured Pose Representation: target encoding and decoding (utils/spr.py)."""
+    output_stride: int = 4
+    root_type: str = "centroid"       # centroid (paper: mean of labelled joints) | bbox_center
+    anchor: str = "parent"            # parent (hierarchical reading) | root
+    sigma: float = 7.0                # root Gaussian, output-map pixels
+    tau: float = 7.0                  # displacement radius around the anchor, output-map pixels
+    z_norm: str = "diag"              # diag: Z = sqrt(H^2 + W^2) of the output map | one: Z = 1
+    nms_window: int = 5               # max-pool window of the root-peak search
+    score_threshold: float = 0.3      # root-peak threshold
+    max_people: int = 30              # top-k root peaks per image
+    gather: str = "bilinear"          # nearest | bilinear reading of the displacement maps
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """HRNet trunk and SPM heads (nets/)."""
+    backbone: str = "hrnet_w32"       # hrnet_w18 | hrnet_w32 | hrnet_w48 | hrnet_tiny
+    head: str = "spm"                 # spm (earlier TF implementation's head) | hrnetv2
+    head_channels: int = 64
+    head_blocks: int = 2
+    backbone_weights: str = ""        # converted official weights (.weights.h5)
+    sync_batchnorm: bool = False      # synchronized BatchNorm under a distribution strategy
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """Losses (nets/losses.py)."""
+    root_loss: str = "l2"             # l2 (paper) | focal
+    disp_loss: str = "l1"             # l1 (paper) | smooth_l1
+    root_loss_weight: float = 1.0
+    disp_loss_weight: float = 0.01    # beta in the paper
+    smooth_l1_beta: float = 0.01      # knee of the smooth-L1, in normalised displacement units
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop (main.py, distribute_main.py)."""
+    run_dir: str = ""                 # "" = runs/<preset>
+    epochs: int = 100
+    steps_per_epoch: int = 0          # 0 = one pass over the training set
+    lr: float = 1e-3
+    lr_schedule: str = "step"         # step | cosine
+    lr_decay_epochs: Tuple[int, ...] = (60, 80)
+    lr_decay_factor: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0       # 0 = no clipping
+    mixed_precision: str = ""         # "" | float16 | bfloat16
+    xla: bool = False
+    finetune: str = ""                # whole-model weights to start from (weights only)
+    checkpoint_every_steps: int = 0   # 0 = at every epoch end only
+    max_checkpoints: int = 3
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = "tiny_synthetic"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    spr: SprConfig = dataclasses.field(default_factory=SprConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @property
+    def skeleton(self) -> Skeleton:
+        return get_skeleton(self.data.skeleton)
+
+    @property
+    def output_shape(self) -> Tuple[int, int]:
+        """(height, width) of the network output maps."""
+        s = self.spr.output_stride
+        return self.data.input_height // s, self.data.input_width // s
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, directory: str) -> str:
+        """Write ``config.json`` into ``directory``; returns its path."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_FILENAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with fields overridden by bare field name (``batch_size=4``)."""
+        new = Config.from_dict(self.to_dict())
+        for name, value in overrides.items():
+            section = _FIELD_SECTIONS.get(name)
+            if section is None:
+                raise KeyError(f"unknown config field {name!r}")
+            target = new if section == "" else getattr(new, section)
+            setattr(target, name, _coerce(_FIELD_TYPES[name], value, name))
+        validate(new)
+        return new
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], source: str = "config") -> "Config":
+        cfg = cls()
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {sorted(unknown)}")
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            if f.name in _SECTIONS:
+                section = getattr(cfg, f.name)
+                values = d[f.name]
+                if not isinstance(values, dict):
+                    raise ValueError(f"{source}: section {f.name!r} must be an object")
+                known = {g.name for g in dataclasses.fields(section)}
+                bad = set(values) - known
+                if bad:
+                    raise ValueError(f"{source}: unknown keys {sorted(bad)} in section {f.name!r}")
+                for k, v in values.items():
+                    setattr(section, k, _coerce(_FIELD_TYPES[k], v, k))
+            else:
+                setattr(cfg, f.name, d[f.name])
+        return cfg
+
+
+_SECTIONS = ("data", "augment", "spr", "model", "loss", "train")
+_SECTION_CLASSES = {"data": DataConfig, "augment": AugmentConfig, "spr": SprConfig,
+                    "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+
+
+def _iter_fields() -> Iterator[Tuple[str, dataclasses.Field, Any]]:
+    """(section, field, resolved type) for every leaf field; section "" for top-level ones."""
+    for section, klass in _SECTION_CLASSES.items():
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            yield section, f, hints[f.name]
+
+
+_FIELD_SECTIONS: Dict[str, str] = {}
+_FIELD_TYPES: Dict[str, Any] = {}
+for _section, _field, _type in _iter_fields():
+    if _field.name in _FIELD_SECTIONS or _field.name == "preset":
+        raise RuntimeError(f"config field name {_field.name!r} is not unique across sections")
+    _FIELD_SECTIONS[_field.name] = _section
+    _FIELD_TYPES[_field.name] = _type
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Convert a JSON or command-line value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if origin is tuple:
+            (elem, *_rest) = typing.get_args(tp)
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(elem(v) for v in value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name!r}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _tiny_synthetic() -> Config:
+    """Trains on a laptop CPU in minutes: small HRNet, 256x256 input, synthetic data."""
+    cfg = Config(preset="tiny_synthetic")
+    cfg.data.dataset = "synthetic"
+    cfg.data.input_height = cfg.data.input_width = 256
+    cfg.data.batch_size = 8
+    cfg.model.backbone = "hrnet_tiny"
+    cfg.model.head_channels = 32
+    cfg.model.head_blocks = 1
+    cfg.spr.sigma = 2.0
+    cfg.spr.tau = 3.0
+    cfg.train.epochs = 10
+    cfg.train.lr = 2e-3
+    cfg.train.lr_decay_epochs = (7, 9)
+    return cfg
+
+
+def _ai_challenger_w32_512() -> Config:
+    cfg = Config(preset="ai_challenger_w32_512")
+    cfg.data.dataset = "ai_challenger"
+    cfg.data.skeleton = "ai_challenger"
+    cfg.data.batch_size = 8
+    cfg.model.backbone = "hrnet_w32"
+    cfg.train.epochs = 100
+    cfg.train.lr = 1e-3
+    cfg.train.lr_decay_epochs = (60, 80)
+    return cfg
+
+
+def _coco_w32_512() -> Config:
+    cfg = _ai_challenger_w32_512()
+    cfg.preset = "coco_w32_512"
+    cfg.data.dataset = "coco"
+    cfg.data.skeleton = "coco"
+    return cfg
+
+
+PRESETS = {
+    "tiny_synthetic": _tiny_synthetic,
+    "ai_challenger_w32_512": _ai_challenger_w32_512,
+    "coco_w32_512": _coco_w32_512,
+}
+
+DEFAULT_PRESET = "tiny_synthetic"
+
+
+def get_preset(name: str) -> Config:
+    try:
+        cfg = PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "dataset": ("synthetic", "ai_challenger", "coco"),
+    "root_type": ("centroid", "bbox_center"),
+    "anchor": ("parent", "root"),
+    "z_norm": ("diag", "one"),
+    "gather": ("nearest", "bilinear"),
+    "backbone": ("hrnet_w18", "hrnet_w32", "hrnet_w48", "hrnet_tiny"),
+    "head": ("spm", "hrnetv2"),
+    "root_loss": ("l2", "focal"),
+    "disp_loss": ("l1", "smooth_l1"),
+    "lr_schedule": ("step", "cosine"),
+    "mixed_precision": ("", "float16", "bfloat16"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the field for an impossible configuration."""
+    for section in _SECTIONS:
+        sec = getattr(cfg, section)
+        for name, choices in _CHOICES.items():
+            if hasattr(sec, name) and getattr(sec, name) not in choices:
+                raise ValueError(f"config field {name!r} is {getattr(sec, name)!r}; "
+                                 f"choose one of {', '.join(repr(c) for c in choices)}")
+    get_skeleton(cfg.data.skeleton)
+    s = cfg.spr.output_stride
+    for name in ("input_height", "input_width"):
+        v = getattr(cfg.data, name)
+        if v <= 0 or v % (8 * s) != 0:
+            raise ValueError(f"config field {name!r} is {v}; it must be a positive multiple of "
+                             f"{8 * s} (HRNet's lowest branch is at stride 32)")
+    positive = {"batch_size": cfg.data.batch_size, "sigma": cfg.spr.sigma, "tau": cfg.spr.tau,
+                "max_people": cfg.spr.max_people, "epochs": cfg.train.epochs,
+                "nms_window": cfg.spr.nms_window}
+    for name, v in positive.items():
+        if not v > 0:
+            raise ValueError(f"config field {name!r} must be positive, got {v}")
+    if cfg.augment.scale_min > cfg.augment.scale_max:
+        raise ValueError("config fields 'scale_min' > 'scale_max'")
+    if cfg.augment.color_mul_min > cfg.augment.color_mul_max:
+        raise ValueError("config fields 'color_mul_min' > 'color_mul_max'")
+    if cfg.data.dataset in ("ai_challenger", "synthetic") and cfg.data.skeleton != "ai_challenger":
+        raise ValueError(f"dataset {cfg.data.dataset!r} uses the ai_challenger skeleton, "
+                         f"not {cfg.data.skeleton!r}")
+    if cfg.data.dataset == "coco" and cfg.data.skeleton != "coco":
+        raise ValueError(f"dataset 'coco' uses the coco skeleton, not {cfg.data.skeleton!r}")
+
+
+# ----------------------------------------------------------------------------- loading and CLI
+
+def load_config(path: str) -> Config:
+    """Rebuild a Config from ``config.json`` or from a run directory holding one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILENAME)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file (a run directory holds {CONFIG_FILENAME})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: a config must be a JSON object")
+    cfg = Config.from_dict(d, source=path)
+    validate(cfg)
+    return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--preset``, ``--config`` and one flag per config field to ``parser``."""
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help=f"named preset (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", default=None, metavar="JSON_OR_RUN_DIR",
+                        help="start from a saved config.json (or a run directory) instead of a preset")
+    defaults = Config()
+    for section, f, tp in _iter_fields():
+        group_title = f"config: {section}"
+        group = next((g for g in parser._action_groups if g.title == group_title), None)
+        if group is None:
+            group = parser.add_argument_group(group_title)
+        default = getattr(getattr(defaults, section), f.name)
+        kwargs: Dict[str, Any] = dict(dest=f"cfg__{f.name}", default=None)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["help"] = f"(default of the preset; base default {default})"
+        else:
+            kwargs["metavar"] = "V,V" if typing.get_origin(tp) is tuple else tp.__name__.upper()
+            kwargs["help"] = f"(base default {default!r})"
+            if f.name in _CHOICES:
+                kwargs["help"] = f"one of {', '.join(repr(c) for c in _CHOICES[f.name])} " + kwargs["help"]
+        group.add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Resolve preset / saved config, then apply every flag given on the command line."""
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+        if args.preset and args.preset != cfg.preset:
+            raise ValueError(f"--preset {args.preset} conflicts with --config {args.config} "
+                             f"(preset {cfg.preset})")
+    else:
+        cfg = get_preset(args.preset or DEFAULT_PRESET)
+    overrides = {k[len("cfg__"):]: v for k, v in vars(args).items()
+                 if k.startswith("cfg__") and v is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def parse_config(argv: Optional[list] = None, description: str = "") -> Tuple[Config, argparse.Namespace]:
+    """Convenience for scripts that take only config flags."""
+    parser = add_config_args(argparse.ArgumentParser(description=description))
+    args = parser.parse_args(argv)
+    return config_from_args(args), args

@@ -1,0 +1,1 @@
+"""Annotation readers, augmentation, synthetic data and the tf.data pipeline."""

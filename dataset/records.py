@@ -1,0 +1,98 @@
+"""The one record type every reader produces and every consumer reads.
+
+Coordinates are continuous pixel coordinates of the original image: pixel column ``i`` covers
+``[i, i + 1)``, so an integer annotation ``x`` is the left edge of its pixel (imgaug's and
+``tf.image.resize``'s convention; a resize by ``s`` maps ``x`` to ``s * x``).
+
+Visibility uses one internal convention, converted at the file edges by the readers and writers:
+
+=================  ========  ==================  ==============
+meaning            internal  AI Challenger file  COCO file
+=================  ========  ==================  ==============
+not labelled       0         3                   0
+labelled, hidden   1         2                   1
+labelled, visible  2         1                   2
+=================  ========  ==================  ==============
+
+A joint is *labelled* when its visibility is > 0; only labelled joints are encoded as targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+VIS_UNLABELLED = 0
+VIS_OCCLUDED = 1
+VIS_VISIBLE = 2
+
+# file value -> internal value
+AIC_TO_INTERNAL: Dict[int, int] = {1: VIS_VISIBLE, 2: VIS_OCCLUDED, 3: VIS_UNLABELLED}
+INTERNAL_TO_AIC: Dict[int, int] = {v: k for k, v in AIC_TO_INTERNAL.items()}
+COCO_TO_INTERNAL: Dict[int, int] = {0: VIS_UNLABELLED, 1: VIS_OCCLUDED, 2: VIS_VISIBLE}
+INTERNAL_TO_COCO: Dict[int, int] = {v: k for k, v in COCO_TO_INTERNAL.items()}
+
+
+@dataclasses.dataclass
+class ImageRecord:
+    """One image and its people.
+
+    Attributes:
+        image_id: the dataset's id (AI Challenger: the file stem; COCO: the integer id as str).
+        image_path: path of the image file, or None when only annotations are known.
+        keypoints: float32 [N, J, 3]: x, y, internal visibility (0, 1, 2).
+        boxes: float32 [N, 4]: x1, y1, x2, y2 in pixels.
+        crowd: bool [N]: COCO iscrowd regions (no root peak; optionally ignored by the loss).
+        person_names: N source keys (AI Challenger ``human1``..., COCO annotation ids as str).
+        width, height: image size in pixels when known (from the file or the annotation).
+    """
+
+    image_id: str
+    image_path: Optional[str]
+    keypoints: np.ndarray
+    boxes: np.ndarray
+    crowd: np.ndarray
+    person_names: List[str]
+    width: Optional[int] = None
+    height: Optional[int] = None
+
+    @property
+    def num_people(self) -> int:
+        return int(self.keypoints.shape[0])
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """bool [N, J]: joints with a label (visibility > 0)."""
+        return self.keypoints[..., 2] > VIS_UNLABELLED
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """What a reader kept and what it left out (and why)."""
+    source: str
+    images: int = 0
+    people: int = 0
+    dropped_people: Dict[str, int] = dataclasses.field(default_factory=dict)
+    dropped_images: Dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def drop_person(self, reason: str) -> None:
+        self.dropped_people[reason] = self.dropped_people.get(reason, 0) + 1
+
+    def drop_image(self, reason: str) -> None:
+        self.dropped_images[reason] = self.dropped_images.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.images} images, {self.people} people kept"]
+        for what, d in (("people", self.dropped_people), ("images", self.dropped_images)):
+            if d:
+                parts.append(f"left out {sum(d.values())} {what} (" +
+                             ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) + ")")
+        return "; ".join(parts)
+
+
+def empty_people(num_joints: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """keypoints [0, J, 3], boxes [0, 4], crowd [0] of an image with nobody."""
+    return (np.zeros((0, num_joints, 3), np.float32), np.zeros((0, 4), np.float32),
+            np.zeros((0,), bool))

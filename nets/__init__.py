@@ -1,0 +1,1 @@
+"""HRNet trunk, SPM heads and losses."""

@@ -1,0 +1,1 @@
+"""What several packages share: the SPR encoder/decoder, letterbox geometry, drawing."""
