@@ -1,0 +1,37 @@
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,model,pipeline,decode,infer} [options]``.
+
+Each subcommand lives in the library module that owns what it measures; this script only
+dispatches. Every subcommand prints its findings and, as its last line, one JSON object.
+"""
+
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SUBCOMMANDS = {
+    "oracle": ("utils.spr_benchmark", "encode-decode round trip of ground truth, scored officially"),
+    "decode": ("utils.spr_benchmark", "decoder ms per image on realistic noisy maps"),
+    "model": ("nets.benchmark", "parameters, conv MACs, forward and train-step time"),
+    "pipeline": ("dataset.benchmark", "images/s through the training input pipeline"),
+    "infer": ("utils.inference", "end-to-end images/s of model_val"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print(__doc__.strip())
+        for name, (_, what) in SUBCOMMANDS.items():
+            print(f"  {name:10s} {what}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    result = module.run_benchmark(argv[0], argv[1:])
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
