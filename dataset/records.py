@@ -20,7 +20,7 @@ A joint is *labelled* when its visibility is > 0; only labelled joints are encod
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,19 +44,22 @@ class ImageRecord:
         image_path: path of the image file, or None when only annotations are known.
         keypoints: float32 [N, J, 3]: x, y, internal visibility (0, 1, 2).
         boxes: float32 [N, 4]: x1, y1, x2, y2 in pixels.
-        crowd: bool [N]: COCO iscrowd regions (no root peak; optionally ignored by the loss).
         person_names: N source keys (AI Challenger ``human1``..., COCO annotation ids as str).
         width, height: image size in pixels when known (from the file or the annotation).
+        ignore_regions: COCO segmentations (polygon lists or RLE dicts, original image
+            coordinates) of crowd annotations and of people without a labelled keypoint. They are
+            not people of the record (no root peak); the pipeline may rasterise them
+            (pycocotools.mask) to leave their pixels out of the root-map loss, as HigherHRNet does.
     """
 
     image_id: str
     image_path: Optional[str]
     keypoints: np.ndarray
     boxes: np.ndarray
-    crowd: np.ndarray
     person_names: List[str]
     width: Optional[int] = None
     height: Optional[int] = None
+    ignore_regions: List[Any] = dataclasses.field(default_factory=list)
 
     @property
     def num_people(self) -> int:
@@ -92,7 +95,6 @@ class ReadStats:
         return "; ".join(parts)
 
 
-def empty_people(num_joints: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """keypoints [0, J, 3], boxes [0, 4], crowd [0] of an image with nobody."""
-    return (np.zeros((0, num_joints, 3), np.float32), np.zeros((0, 4), np.float32),
-            np.zeros((0,), bool))
+def empty_people(num_joints: int) -> Tuple[np.ndarray, np.ndarray]:
+    """keypoints [0, J, 3] and boxes [0, 4] of an image with nobody."""
+    return np.zeros((0, num_joints, 3), np.float32), np.zeros((0, 4), np.float32)
