@@ -1,0 +1,94 @@
+"""Device selection and tf.distribute strategies for ``distribute_main.py``.
+
+GPU ids are *physical* ids as ``nvidia-smi`` numbers them. They are applied through
+``CUDA_VISIBLE_DEVICES`` (with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so the numbering matches
+``nvidia-smi``) *before* TensorFlow is imported, which is the only point where CUDA can still be
+told which devices to expose; TensorFlow then sees them as ``/gpu:0 .. /gpu:N-1``. The earlier
+implementation hard-coded device lists and could only use 0,1 or 0,1,2.
+
+This module does not import TensorFlow at import time, so the caller can select devices first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, MutableMapping, Optional
+
+
+def parse_gpu_ids(spec: str) -> List[int]:
+    """``"2,3"`` -> ``[2, 3]``; rejects empty items, negatives, duplicates and non-integers."""
+    ids = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            raise ValueError(f"--gpus {spec!r}: {item!r} is not a GPU id (use e.g. --gpus 2,3)")
+        if int(item) in ids:
+            raise ValueError(f"--gpus {spec!r}: GPU {item} is listed twice")
+        ids.append(int(item))
+    return ids
+
+
+def select_gpus(spec: str, environ: Optional[MutableMapping[str, str]] = None) -> List[int]:
+    """Expose exactly the GPUs of ``spec`` to CUDA, in ``environ`` (default ``os.environ``).
+
+    Must run before TensorFlow is imported. If ``CUDA_VISIBLE_DEVICES`` is already set, the ids
+    are taken relative to that list (so ``CUDA_VISIBLE_DEVICES=4,5,6 --gpus 1`` selects GPU 5).
+    Returns the physical ids selected.
+    """
+    environ = os.environ if environ is None else environ
+    ids = parse_gpu_ids(spec)
+    current = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if current:
+        physical = [p.strip() for p in current.split(",") if p.strip()]
+        bad = [i for i in ids if i >= len(physical)]
+        if bad:
+            raise ValueError(f"--gpus {spec}: CUDA_VISIBLE_DEVICES={current} exposes only "
+                             f"{len(physical)} GPUs, there is no GPU {bad[0]} among them")
+        selected = [physical[i] for i in ids]
+    else:
+        selected = [str(i) for i in ids]
+        environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    environ["CUDA_VISIBLE_DEVICES"] = ",".join(selected)
+    return [int(s) if s.isdigit() else s for s in selected]
+
+
+def tf_config_task(environ: Optional[MutableMapping[str, str]] = None) -> Optional[Dict]:
+    """The parsed ``TF_CONFIG`` (cluster + task) or None when it is not set."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        conf = json.loads(raw)
+        conf["cluster"], conf["task"]["type"], conf["task"]["index"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("TF_CONFIG must be JSON like {\"cluster\": {\"worker\": [\"host:port\", ...]}, "
+                         "\"task\": {\"type\": \"worker\", \"index\": 0}}") from None
+    return conf
+
+
+def make_strategy(cpu_replicas: int = 0, environ: Optional[MutableMapping[str, str]] = None):
+    """The strategy for this process.
+
+    - ``TF_CONFIG`` set: MultiWorkerMirroredStrategy (all local GPUs, or the CPU, per worker).
+    - ``cpu_replicas`` N > 0: MirroredStrategy over N logical CPU devices (tests, no GPU needed).
+    - otherwise: MirroredStrategy over every visible GPU (see :func:`select_gpus`), or the CPU.
+    """
+    import tensorflow as tf
+
+    if tf_config_task(environ) is not None:
+        if cpu_replicas > 1:
+            raise ValueError("--cpu-replicas > 1 cannot be combined with TF_CONFIG (one CPU replica per worker)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if cpu_replicas > 0:
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_replicas)])
+        tf.config.set_visible_devices([], "GPU")
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_replicas]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    gpus = tf.config.list_logical_devices("GPU")
+    if not gpus:
+        return tf.distribute.MirroredStrategy(devices=["/cpu:0"])
+    return tf.distribute.MirroredStrategy()
