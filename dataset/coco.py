@@ -1,0 +1,275 @@
+"""COCO person keypoints: validating record reader (through pycocotools) and writer.
+
+The file is a JSON object::
+
+    {"images":      [{"id": 397133, "file_name": "000000397133.jpg", "width": 640, "height": 427}, ...],
+     "annotations": [{"id": 1, "image_id": 397133, "category_id": 1, "iscrowd": 0,
+                      "bbox": [x, y, w, h], "keypoints": [x, y, v] * 17, "num_keypoints": 15,
+                      "segmentation": [[x, y, ...]] or RLE, "area": ...}, ...],
+     "categories":  [{"id": 1, "name": "person", "keypoints": ["nose", ...], ...}]}
+
+Joint order (the ``coco`` skeleton, ``config/skeletons.py``): nose, left eye, right eye, left ear,
+right ear, left/right shoulder, left/right elbow, left/right wrist, left/right hip, left/right knee,
+left/right ankle. Visibility ``v``: 0 not labelled, 1 labelled but occluded, 2 visible; the reader
+converts it to the internal convention of ``dataset/records.py``.
+
+Who is a person of a record: a non-crowd annotation of the person category with at least one
+labelled joint and a box of non-zero size. Crowd annotations and keypoint-less people are not
+people (no root peak), but they are there in the image: their ``segmentation`` goes to
+``ImageRecord.ignore_regions`` so the pipeline can leave their pixels out of the root-map loss
+(HigherHRNet's practice). When such an annotation has no segmentation, its box, as a polygon,
+stands in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+from pycocotools.coco import COCO as CocoIndex
+
+from config.skeletons import COCO, Skeleton
+from dataset.errors import (AnnotationError, ReaderStats, json_numbers, keypoint_value_names,
+                            load_json, number_array, require_keys, where)
+from dataset.records import COCO_TO_INTERNAL, INTERNAL_TO_COCO, VIS_UNLABELLED, ImageRecord
+
+logger = logging.getLogger(__name__)
+
+PERSON_CATEGORY = "person"
+COCO_VISIBILITY_VALUES = tuple(sorted(COCO_TO_INTERNAL))   # (0, 1, 2)
+BBOX_VALUE_NAMES = ("x", "y", "width", "height")
+
+_TO_INTERNAL = np.array([COCO_TO_INTERNAL[v] for v in range(len(COCO_TO_INTERNAL))], np.float32)
+_TO_FILE = np.array([INTERNAL_TO_COCO[v] for v in range(len(INTERNAL_TO_COCO))], np.int64)
+
+
+def read_coco(json_path: str, image_dir: Optional[str] = None,
+              skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReaderStats]:
+    """Read a COCO person-keypoints file into records, one per entry of ``images``.
+
+    Args:
+        json_path: the annotation file (e.g. ``person_keypoints_train2017.json``).
+        image_dir: folder of the images; ``image_path`` is ``image_dir/<file_name>``. None leaves
+            it unset.
+        skeleton: joint layout; the category's ``keypoints`` names, when given, must match it.
+
+    Returns the records (in the order of ``images``) and the statistics of what was kept and left
+    out (also logged at INFO). Width and height come from the ``images`` entry.
+
+    Raises AnnotationError for a malformed file (see :func:`coco_records`).
+    """
+    records, stats = coco_records(load_json(json_path), json_path, image_dir, skeleton)
+    logger.info(stats.summary())
+    return records, stats
+
+
+def coco_records(data: Any, source: str, image_dir: Optional[str] = None,
+                 skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReaderStats]:
+    """Records of parsed COCO JSON.
+
+    Raises AnnotationError naming the file, image and annotation for: a top level that is not an
+    object with ``images``, ``annotations`` and ``categories`` lists; no person category, or one
+    whose keypoint names differ from the skeleton; an image without ``id``, ``width`` or
+    ``height`` (or ``file_name`` when ``image_dir`` is given), or with a size that is not
+    positive; duplicate image or annotation ids; an annotation of an unknown image; a person
+    annotation without ``bbox`` (or ``keypoints`` when not a crowd); a bbox that is not
+    4 numbers or has a negative width or height; a keypoint list that is not ``3 * J`` numbers;
+    a non-numeric, NaN or infinite value; a visibility outside {0, 1, 2}; a negative coordinate
+    on a labelled joint.
+    """
+    person_categories = _check_structure(data, source, skeleton, need_file_name=image_dir is not None)
+    index = CocoIndex()
+    index.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):   # createIndex prints progress
+        index.createIndex()
+
+    stats = ReaderStats(source=source)
+    records = []
+    for image in data["images"]:
+        anns = [a for a in index.imgToAnns.get(image["id"], ()) if a["category_id"] in person_categories]
+        records.append(_image_record(image, anns, source, image_dir, skeleton, stats))
+    return records, stats
+
+
+def _check_structure(data: Any, source: str, skeleton: Skeleton, need_file_name: bool) -> Set[Any]:
+    """Top-level layout, ids and cross references; returns the person category ids."""
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{source}: a COCO file is a JSON object with 'images', "
+                              f"'annotations' and 'categories', got a JSON {type(data).__name__}")
+    require_keys(data, ("images", "annotations", "categories"), source)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise AnnotationError(f"{source}: {key!r} must be a list, got {type(data[key]).__name__}")
+
+    for i, cat in enumerate(data["categories"]):
+        require_keys(cat, ("id",), f"{source}: categories[{i}]")
+    people = [c for c in data["categories"] if c.get("name") == PERSON_CATEGORY]
+    people = people or [c for c in data["categories"] if "keypoints" in c]
+    if not people:
+        raise AnnotationError(f"{source}: no category named {PERSON_CATEGORY!r} or with "
+                              f"'keypoints' among the categories")
+    for cat in people:
+        if "keypoints" in cat and list(cat["keypoints"]) != list(skeleton.joint_names):
+            raise AnnotationError(f"{source}: category {cat['id']!r} has keypoints "
+                                  f"{cat['keypoints']}, but the {skeleton.name} skeleton has "
+                                  f"{list(skeleton.joint_names)}")
+
+    image_keys = ("id", "width", "height") + (("file_name",) if need_file_name else ())
+    image_ids = {}
+    for i, image in enumerate(data["images"]):
+        require_keys(image, image_keys, f"{source}: images[{i}]")
+        image_id = image["id"]
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            raise AnnotationError(f"{source}: images[{i}]: 'id' must be an integer (or a string), "
+                                  f"got {image_id!r}")
+        if image_id in image_ids:
+            raise AnnotationError(f"{where(source, image_id)}: duplicate image id "
+                                  f"(images[{image_ids[image_id]}] and images[{i}])")
+        image_ids[image_id] = i
+        for key in ("width", "height"):
+            v = image[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise AnnotationError(f"{where(source, image_id)}: {key!r} must be a positive "
+                                      f"integer, got {v!r}")
+
+    ann_ids = {}
+    for i, ann in enumerate(data["annotations"]):
+        require_keys(ann, ("id", "image_id", "category_id"), f"{source}: annotations[{i}]")
+        if ann["id"] in ann_ids:
+            raise AnnotationError(f"{source}: annotation {ann['id']!r}: duplicate annotation id "
+                                  f"(annotations[{ann_ids[ann['id']]}] and annotations[{i}])")
+        ann_ids[ann["id"]] = i
+        if ann["image_id"] not in image_ids:
+            raise AnnotationError(f"{source}: annotation {ann['id']!r}: image id "
+                                  f"{ann['image_id']!r} is not in 'images'")
+    return {c["id"] for c in people}
+
+
+def _image_record(image: Dict[str, Any], anns: Sequence[Dict[str, Any]], source: str,
+                  image_dir: Optional[str], skeleton: Skeleton, stats: ReaderStats) -> ImageRecord:
+    image_id = image["id"]
+    num_joints = skeleton.num_joints
+    value_names = keypoint_value_names(skeleton.joint_names)
+    ignore_regions: List[Any] = []
+    people, keypoints, boxes = [], [], []
+    for ann in anns:
+        what = where(source, image_id, ann["id"])
+        require_keys(ann, ("bbox",), what)
+        x, y, w, h = number_array(ann["bbox"], 4, f"{what}: bbox", BBOX_VALUE_NAMES)
+        if w < 0 or h < 0:
+            raise AnnotationError(f"{what}: bbox {ann['bbox']} has a negative width or height")
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            raise AnnotationError(f"{what}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+        if iscrowd:
+            ignore_regions.append(_region(ann, (x, y, w, h)))
+            stats.drop_person("crowd (ignore region)")
+            continue
+        require_keys(ann, ("keypoints",), what)
+        people.append(ann)
+        keypoints.append(number_array(ann["keypoints"], 3 * num_joints, f"{what}: keypoints", value_names))
+        boxes.append((x, y, x + w, y + h))
+
+    names = [str(ann["id"]) for ann in people]
+    keypoints = np.asarray(keypoints, np.float64).reshape(len(people), num_joints, 3)
+    boxes = np.asarray(boxes, np.float64).reshape(len(people), 4)
+    _check_values(keypoints, names, source, image_id, skeleton)
+
+    vis = _TO_INTERNAL[keypoints[..., 2].astype(np.intp)]
+    labelled = vis > VIS_UNLABELLED
+    xy = np.where(labelled[..., None], keypoints[..., :2], 0.0)
+    no_joint = ~labelled.any(axis=1)
+    zero_box = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])) & ~no_joint
+    for n in np.flatnonzero(no_joint):
+        x1, y1, x2, y2 = boxes[n]
+        ignore_regions.append(_region(people[n], (x1, y1, x2 - x1, y2 - y1)))
+    stats.drop_people("no labelled joint (ignore region)", no_joint.sum())
+    stats.drop_people("zero-size box", zero_box.sum())
+    keep = np.flatnonzero(~(no_joint | zero_box))
+    stats.images += 1
+    stats.people += len(keep)
+    stats.empty_images += int(len(keep) == 0)
+    return ImageRecord(
+        image_id=str(image_id),
+        image_path=os.path.join(image_dir, image["file_name"]) if image_dir else None,
+        keypoints=np.concatenate([xy, vis[..., None]], axis=-1)[keep].astype(np.float32),
+        boxes=boxes[keep].astype(np.float32),
+        person_names=[names[i] for i in keep],
+        width=image["width"],
+        height=image["height"],
+        ignore_regions=ignore_regions,
+    )
+
+
+def _check_values(keypoints: np.ndarray, names: Sequence[str], source: str, image_id: Any,
+                  skeleton: Skeleton) -> None:
+    """Visibility set and non-negative labelled coordinates, checked as arrays."""
+    vis = keypoints[..., 2]
+    bad = ~np.isin(vis, COCO_VISIBILITY_VALUES)
+    if bad.any():
+        n, j = np.argwhere(bad)[0]
+        raise AnnotationError(f"{where(source, image_id, names[n])}: {skeleton.joint_names[j]} has "
+                              f"visibility {vis[n, j]:g}; COCO uses 0 (not labelled), "
+                              f"1 (occluded), 2 (visible)")
+    bad = (vis != INTERNAL_TO_COCO[VIS_UNLABELLED]) & (keypoints[..., :2] < 0).any(axis=-1)
+    if bad.any():
+        n, j = np.argwhere(bad)[0]
+        raise AnnotationError(f"{where(source, image_id, names[n])}: labelled joint "
+                              f"{skeleton.joint_names[j]} has a negative coordinate "
+                              f"({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
+
+
+def _region(ann: Dict[str, Any], xywh: Sequence[float]) -> Any:
+    """The annotation's segmentation (polygons or RLE), or its box as a polygon when it has none."""
+    segmentation = ann.get("segmentation")
+    return segmentation if segmentation else box_polygon(xywh)
+
+
+def box_polygon(xywh: Sequence[float]) -> List[List[float]]:
+    """A COCO polygon segmentation ``[[x1, y1, x2, y1, x2, y2, x1, y2]]`` of an ``[x, y, w, h]`` box."""
+    x, y, w, h = (float(v) for v in xywh)
+    return [json_numbers(np.array([x, y, x + w, y, x + w, y + h, x, y + h]))]
+
+
+def to_coco_json(records: Sequence[ImageRecord], image_ids: Sequence[int], file_names: Sequence[str],
+                 skeleton: Skeleton = COCO) -> Dict[str, Any]:
+    """Records as a COCO person-keypoints dict (people only: ``ignore_regions`` are not written).
+
+    Args:
+        records: images with ``width`` and ``height`` set.
+        image_ids: the COCO integer id of each record.
+        file_names: the ``file_name`` of each record.
+        skeleton: joint layout of the records' keypoints.
+
+    Annotation ids count from 1. ``area`` is the box area and ``segmentation`` the box as a
+    polygon (a keypoint file has no masks to offer; pycocotools tools that need a segmentation
+    still work). The category's ``skeleton`` lists the SPM hierarchy's limbs, 1-based as COCO's.
+    """
+    images, annotations = [], []
+    for record, image_id, file_name in zip(records, image_ids, file_names, strict=True):
+        if record.width is None or record.height is None:
+            raise ValueError(f"image {record.image_id!r}: a COCO file needs the image width and height")
+        images.append({"id": int(image_id), "file_name": file_name,
+                       "width": int(record.width), "height": int(record.height)})
+        vis = record.keypoints[..., 2].astype(np.int64)
+        labelled = vis > VIS_UNLABELLED
+        xy = np.where(labelled[..., None], record.keypoints[..., :2], 0.0)
+        file_vis = _TO_FILE[vis]
+        xywh = np.concatenate([record.boxes[:, :2], record.boxes[:, 2:] - record.boxes[:, :2]], 1)
+        for person_xy, person_vis, box, num_labelled in zip(xy, file_vis, xywh, labelled.sum(1)):
+            values = json_numbers(np.concatenate([person_xy, np.zeros_like(person_xy[:, :1])], 1).ravel())
+            values[2::3] = person_vis.tolist()
+            bbox = json_numbers(box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": int(image_id), "category_id": 1,
+                "iscrowd": 0, "bbox": bbox, "area": json_numbers(box[2] * box[3]),
+                "num_keypoints": int(num_labelled), "keypoints": values,
+                "segmentation": box_polygon(box)})
+    category = {"id": 1, "name": PERSON_CATEGORY, "supercategory": PERSON_CATEGORY,
+                "keypoints": list(skeleton.joint_names),
+                "skeleton": [[p + 1, c + 1] for p, c in skeleton.limbs]}
+    return {"images": images, "annotations": annotations, "categories": [category]}
