@@ -87,6 +87,12 @@ class ModelConfig:
     head_blocks: int = 2
     backbone_weights: str = ""        # converted official weights (.weights.h5)
     sync_batchnorm: bool = False      # synchronized BatchNorm under a distribution strategy
+    # hrnet_tiny stage table (nets/hrnet.py): branch widths tiny_width * (1, 2, 4, 8)
+    tiny_width: int = 16
+    tiny_modules: Tuple[int, ...] = (1, 2, 1)   # high-resolution modules in stages 2, 3, 4
+    tiny_blocks: int = 1              # basic blocks per branch in each module
+    tiny_stem_channels: int = 32      # the two stride-2 stem convs
+    tiny_stage1_blocks: int = 1       # stage-1 bottlenecks (tiny_width planes, 4 * tiny_width out)
 
 
 @dataclasses.dataclass
@@ -97,6 +103,8 @@ class LossConfig:
     root_loss_weight: float = 1.0
     disp_loss_weight: float = 0.01    # beta in the paper
     smooth_l1_beta: float = 0.01      # knee of the smooth-L1, in normalised displacement units
+    focal_alpha: float = 2.0          # focal root loss (CenterNet): (1 - p)^alpha on peaks
+    focal_beta: float = 4.0           # (1 - t)^beta penalty reduction near peaks
 
 
 @dataclasses.dataclass
