@@ -157,7 +157,7 @@ def _image_record(image: Dict[str, Any], anns: Sequence[Dict[str, Any]], source:
     ignore_regions: List[Any] = []
     people, keypoints, boxes = [], [], []
     for ann in anns:
-        what = where(source, image_id, ann["id"])
+        what = _where(source, image_id, ann["id"])
         require_keys(ann, ("bbox",), what)
         x, y, w, h = number_array(ann["bbox"], 4, f"{what}: bbox", BBOX_VALUE_NAMES)
         if w < 0 or h < 0:
@@ -174,10 +174,10 @@ def _image_record(image: Dict[str, Any], anns: Sequence[Dict[str, Any]], source:
         keypoints.append(number_array(ann["keypoints"], 3 * num_joints, f"{what}: keypoints", value_names))
         boxes.append((x, y, x + w, y + h))
 
-    names = [str(ann["id"]) for ann in people]
+    ann_ids = [ann["id"] for ann in people]
     keypoints = np.asarray(keypoints, np.float64).reshape(len(people), num_joints, 3)
     boxes = np.asarray(boxes, np.float64).reshape(len(people), 4)
-    _check_values(keypoints, names, source, image_id, skeleton)
+    _check_values(keypoints, ann_ids, source, image_id, skeleton)
 
     vis = _TO_INTERNAL[keypoints[..., 2].astype(np.intp)]
     labelled = vis > VIS_UNLABELLED
@@ -198,27 +198,31 @@ def _image_record(image: Dict[str, Any], anns: Sequence[Dict[str, Any]], source:
         image_path=os.path.join(image_dir, image["file_name"]) if image_dir else None,
         keypoints=np.concatenate([xy, vis[..., None]], axis=-1)[keep].astype(np.float32),
         boxes=boxes[keep].astype(np.float32),
-        person_names=[names[i] for i in keep],
+        person_names=[str(ann_ids[i]) for i in keep],
         width=image["width"],
         height=image["height"],
         ignore_regions=ignore_regions,
     )
 
 
-def _check_values(keypoints: np.ndarray, names: Sequence[str], source: str, image_id: Any,
+def _where(source: str, image_id: Any, ann_id: Any) -> str:
+    return f"{where(source, image_id)}, annotation {ann_id!r}"
+
+
+def _check_values(keypoints: np.ndarray, ann_ids: Sequence[Any], source: str, image_id: Any,
                   skeleton: Skeleton) -> None:
     """Visibility set and non-negative labelled coordinates, checked as arrays."""
     vis = keypoints[..., 2]
     bad = ~np.isin(vis, COCO_VISIBILITY_VALUES)
     if bad.any():
         n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{where(source, image_id, names[n])}: {skeleton.joint_names[j]} has "
+        raise AnnotationError(f"{_where(source, image_id, ann_ids[n])}: {skeleton.joint_names[j]} has "
                               f"visibility {vis[n, j]:g}; COCO uses 0 (not labelled), "
                               f"1 (occluded), 2 (visible)")
     bad = (vis != INTERNAL_TO_COCO[VIS_UNLABELLED]) & (keypoints[..., :2] < 0).any(axis=-1)
     if bad.any():
         n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{where(source, image_id, names[n])}: labelled joint "
+        raise AnnotationError(f"{_where(source, image_id, ann_ids[n])}: labelled joint "
                               f"{skeleton.joint_names[j]} has a negative coordinate "
                               f"({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
 
