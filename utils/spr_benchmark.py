@@ -1,0 +1,234 @@
+"""SPR benchmarks (``tools/benchmark.py oracle`` and ``tools/benchmark.py decode``).
+
+``oracle``: the encode -> decode round trip of ground truth, scored officially. Every image's
+people are letterboxed into the network input, encoded into SPR targets, the targets are decoded
+by the compiled TensorFlow decoder (batch 1 per image), mapped back to the original image and
+written as an AI Challenger submission, which the official scorer (``utils/aic_eval.py``) rates
+against the annotation file. What the round trip loses (people sharing a root cell, anchors of the
+same channel less than about two cells apart) is what no trained network could get back either.
+
+``decode``: decoder time per image on realistic network-like maps: the targets of real people
+plus Gaussian noise and spurious blobs, at the configured input size, batch 1.
+
+Times are wall-clock on this machine after warm-up; the decoder is timed as one compiled
+``tf.function`` call per image including the transfer of its result to NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from config.config import Config, add_config_args, config_from_args
+from dataset.ai_challenger import read_ai_challenger
+from dataset.convert import estimate_image_sizes, image_sizes_from_dir
+from dataset.records import ImageRecord
+from utils import spr
+from utils.letterbox import Letterbox, letterbox_params, to_network
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "ai_challenger_w32_512"
+DEFAULT_REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
+                           "ai_challenger_keypoint_example", "keypoint_annotations_example.json")
+
+
+_DESCRIPTIONS = {
+    "oracle": "Encode -> decode round trip of ground truth, scored with the official AI Challenger scorer.",
+    "decode": "Decoder ms per image (batch 1) on noisy maps made from real people's targets.",
+}
+
+
+def _parser(name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"benchmark.py {name}", description=_DESCRIPTIONS[name])
+    p.add_argument("--ref", default=DEFAULT_REF, help="AI Challenger annotation file (default: the example file)")
+    p.add_argument("--images", default=None, help="image folder: take image sizes from the files "
+                   "(default: the smallest size holding every box and labelled joint)")
+    p.add_argument("--input", default=None, metavar="HxW", help="network input size, e.g. 512x512 "
+                   "(default: the preset's)")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the decoder with XLA (default: yes)")
+    if name == "oracle":
+        p.add_argument("--out", required=True, help="where to write the AI Challenger predictions (json)")
+    else:
+        p.add_argument("--num", type=int, default=200, help="images to time (default 200)")
+        p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise on the root "
+                       "map (displacement noise is a tenth of it); default 0.05")
+        p.add_argument("--seed", type=int, default=0)
+    return add_config_args(p)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if args.preset is None and args.config is None:
+        args.preset = DEFAULT_PRESET
+    cfg = config_from_args(args)
+    if args.input:
+        try:
+            h, w = (int(v) for v in args.input.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--input {args.input!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
+        cfg = cfg.replace(input_height=h, input_width=w)
+    if cfg.data.skeleton != "ai_challenger":
+        raise ValueError(f"the SPR benchmarks read AI Challenger files; preset {cfg.preset!r} uses "
+                         f"the {cfg.data.skeleton!r} skeleton")
+    return cfg
+
+
+def _people(records: Sequence[ImageRecord], images: Optional[str],
+            input_hw: Tuple[int, int]) -> List[Tuple[Letterbox, np.ndarray, np.ndarray]]:
+    """(letterbox, keypoints, boxes in network-input coordinates) of every record."""
+    if images:
+        by_id = image_sizes_from_dir([r.image_id for r in records], images)
+        sizes = [by_id[r.image_id] for r in records]
+    else:
+        sizes = estimate_image_sizes(records)
+    out = []
+    for rec, (width, height) in zip(records, sizes):
+        lb = letterbox_params(height, width, *input_hw)
+        kps = rec.keypoints.astype(np.float64)
+        kps[..., :2] = to_network(kps[..., :2], lb)
+        boxes = to_network(rec.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4)
+        out.append((lb, kps, boxes))
+    return out
+
+
+def _decoder(cfg: Config, jit_compile: bool):
+    return spr.make_decoder(cfg.skeleton, cfg.spr, cfg.output_shape, jit_compile=jit_compile)
+
+
+def _timed_decode(decoder, root: np.ndarray, disp: np.ndarray):
+    """One decoder call on a batch of one; returns (poses, scores, num) as NumPy and seconds.
+
+    The maps are made tensors before the clock starts: a deployed model's maps already are.
+    """
+    import tensorflow as tf
+
+    root, disp = tf.constant(root[None]), tf.constant(disp[None])
+    t = time.perf_counter()
+    poses, scores, num = decoder(root, disp)
+    poses, scores, num = poses.numpy()[0], scores.numpy()[0], int(num.numpy()[0])
+    return poses, scores, num, time.perf_counter() - t
+
+
+def run_oracle(argv: Sequence[str]) -> Dict:
+    from utils.aic_eval import evaluate_files, format_warnings
+
+    args = _parser("oracle").parse_args(list(argv))
+    cfg = _config(args)
+    input_hw = (cfg.data.input_height, cfg.data.input_width)
+    records, stats = read_ai_challenger(args.ref, args.images, cfg.skeleton)
+    print(stats.summary())
+    people = _people(records, args.images, input_hw)
+
+    decoder = _decoder(cfg, args.jit)
+    for _, kps, boxes in people[:5]:                          # warm-up: trace and first runs
+        tg = spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw)
+        _timed_decode(decoder, tg["root"], tg["disp"])
+    encode_s = decode_s = 0.0
+    predictions = []
+    found = 0
+    for rec, (lb, kps, boxes) in zip(records, people):
+        t = time.perf_counter()
+        tg = spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw)
+        encode_s += time.perf_counter() - t
+        poses, _, num, seconds = _timed_decode(decoder, tg["root"], tg["disp"])
+        decode_s += seconds
+        found += num
+        predictions.append(spr.aic_prediction(rec.image_id, spr.poses_to_original(poses[:num], lb)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(predictions, f)
+
+    result = evaluate_files(args.ref, args.out)
+    for line in format_warnings(result.warnings, 5):
+        print("scorer:", line)
+    n = max(len(records), 1)
+    summary = {
+        "score": round(result.score, 6),
+        "images": len(records),
+        "people": int(sum(r.num_people for r in records)),
+        "reference_people": result.num_people,
+        "decoded_people": found,
+        "encode_ms_per_image": round(1000 * encode_s / n, 3),
+        "decode_ms_per_image": round(1000 * decode_s / n, 3),
+        "input": f"{input_hw[0]}x{input_hw[1]}", "jit_compile": args.jit,
+        "root_type": cfg.spr.root_type, "anchor": cfg.spr.anchor, "gather": cfg.spr.gather,
+        "sigma": cfg.spr.sigma, "tau": cfg.spr.tau, "z_norm": cfg.spr.z_norm,
+        "sizes": "images" if args.images else "estimated",
+    }
+    print(f"oracle round trip ({summary['root_type']}, {summary['anchor']}, {summary['gather']}, "
+          f"{summary['input']}): AI Challenger score {result.score:.6f} on {len(records)} images, "
+          f"{summary['people']} people ({found} decoded); encode {summary['encode_ms_per_image']} ms, "
+          f"decode {summary['decode_ms_per_image']} ms per image; predictions in {args.out}")
+    return summary
+
+
+def noisy_maps(target: Dict[str, np.ndarray], rng: np.random.Generator, noise: float,
+               blobs: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+    """Network-like maps from targets: Gaussian noise, spurious root blobs of random height."""
+    root = target["root"][..., 0].copy()
+    h, w = root.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(blobs):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        s = rng.uniform(1.5, 5.0)
+        root = np.maximum(root, rng.uniform(0.1, 0.6) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / s ** 2))
+    root = np.clip(root + rng.normal(0, noise, root.shape), 0, 1)
+    disp = target["disp"] + rng.normal(0, noise / 10, target["disp"].shape)
+    return root[..., None].astype(np.float32), disp.astype(np.float32)
+
+
+def run_decode(argv: Sequence[str]) -> Dict:
+    args = _parser("decode").parse_args(list(argv))
+    cfg = _config(args)
+    input_hw = (cfg.data.input_height, cfg.data.input_width)
+    records, _ = read_ai_challenger(args.ref, args.images, cfg.skeleton)
+    records = records[:max(args.num, 1)]
+    rng = np.random.default_rng(args.seed)
+    maps = [noisy_maps(spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw), rng, args.noise)
+            for _, kps, boxes in _people(records, args.images, input_hw)]
+    decoder = _decoder(cfg, args.jit)
+    for root, disp in maps[:5]:
+        _timed_decode(decoder, root, disp)
+    seconds, found = [], 0
+    for root, disp in maps:
+        *_, num, s = _timed_decode(decoder, root, disp)
+        seconds.append(s)
+        found += num
+    ms = 1000 * np.array(seconds)
+    summary = {
+        "decode_ms_per_image": round(float(ms.mean()), 3),
+        "decode_ms_median": round(float(np.median(ms)), 3),
+        "decode_ms_p95": round(float(np.percentile(ms, 95)), 3),
+        "images": len(maps),
+        "people": int(sum(r.num_people for r in records)),
+        "decoded_people": found,
+        "input": f"{input_hw[0]}x{input_hw[1]}",
+        "batch": 1, "jit_compile": args.jit,
+        "anchor": cfg.spr.anchor, "gather": cfg.spr.gather, "max_people": cfg.spr.max_people,
+    }
+    print(f"decoder on noisy maps ({summary['input']}, batch 1, {summary['anchor']}, "
+          f"{summary['gather']}): {summary['decode_ms_per_image']} ms per image (median "
+          f"{summary['decode_ms_median']}, p95 {summary['decode_ms_p95']}) over {len(maps)} images")
+    return summary
+
+
+def run_benchmark(name: str, argv: Sequence[str]) -> Dict:
+    """Entry point of ``tools/benchmark.py`` for the ``oracle`` and ``decode`` subcommands.
+
+    Bad input (a missing or malformed file, an impossible option) ends the program with one
+    clear line and a non-zero status instead of a traceback.
+    """
+    runs = {"oracle": run_oracle, "decode": run_decode}
+    if name not in runs:
+        raise ValueError(f"utils.spr_benchmark has no benchmark {name!r} ({', '.join(runs)})")
+    try:
+        return runs[name](argv)
+    except (ValueError, OSError) as e:      # AnnotationError is a ValueError
+        raise SystemExit(f"benchmark {name}: error: {e}") from None
