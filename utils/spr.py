@@ -298,6 +298,12 @@ def find_root_peaks(root, spr_cfg):
     return cells, scores, tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
 
 
+def cell_centres(cells, stride: int) -> np.ndarray:
+    """Network-input position of output-map cells [..., 2] (x, y): ``(cell + 0.5) * stride``,
+    e.g. where the decoder reads a root peak found by :func:`find_root_peaks`."""
+    return (np.asarray(cells, np.float64) + 0.5) * stride
+
+
 def _sample(maps_flat, h, w, points, gather: str):
     """Read [B, h*w, C] maps at output-map positions [B, M, 2].
 

@@ -60,7 +60,6 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--num", type=int, default=200, help="images to time (default 200)")
         p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise on the root "
                        "map (displacement noise is a tenth of it); default 0.05")
-        p.add_argument("--seed", type=int, default=0)
     return add_config_args(p)
 
 
@@ -190,7 +189,7 @@ def run_decode(argv: Sequence[str]) -> Dict:
     input_hw = (cfg.data.input_height, cfg.data.input_width)
     records, _ = read_ai_challenger(args.ref, args.images, cfg.skeleton)
     records = records[:max(args.num, 1)]
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(cfg.data.seed)
     maps = [noisy_maps(spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw), rng, args.noise)
             for _, kps, boxes in _people(records, args.images, input_hw)]
     decoder = _decoder(cfg, args.jit)
