@@ -27,14 +27,14 @@ import contextlib
 import io
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from pycocotools.coco import COCO as CocoIndex
 
 from config.skeletons import COCO, Skeleton
-from dataset.errors import (AnnotationError, ReaderStats, json_numbers, keypoint_value_names,
-                            load_json, number_array, require_keys, where)
+from dataset.errors import (AnnotationError, ReaderStats, json_numbers, keypoint_lists,
+                            keypoint_value_names, load_json, number_rows, require_keys, where)
 from dataset.records import COCO_TO_INTERNAL, INTERNAL_TO_COCO, VIS_UNLABELLED, ImageRecord
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ COCO_VISIBILITY_VALUES = tuple(sorted(COCO_TO_INTERNAL))   # (0, 1, 2)
 BBOX_VALUE_NAMES = ("x", "y", "width", "height")
 
 _TO_INTERNAL = np.array([COCO_TO_INTERNAL[v] for v in range(len(COCO_TO_INTERNAL))], np.float32)
+_VISIBILITY_VALUES = np.array(COCO_VISIBILITY_VALUES, np.float64)
 _TO_FILE = np.array([INTERNAL_TO_COCO[v] for v in range(len(INTERNAL_TO_COCO))], np.int64)
 
 
@@ -87,12 +88,97 @@ def coco_records(data: Any, source: str, image_dir: Optional[str] = None,
     with contextlib.redirect_stdout(io.StringIO()):   # createIndex prints progress
         index.createIndex()
 
+    images = data["images"]
+    anns, owner = _person_annotations(images, index, person_categories)
+
+    def label(row: int) -> str:
+        return _where(source, images[owner[row]]["id"], anns[row]["id"])
+
+    crowd, xywh = _read_boxes(anns, label)
+    people = np.flatnonzero(~crowd)               # rows of anns that may be people of the record
+    keypoints = _read_keypoints([anns[row] for row in people], lambda k: label(people[k]), skeleton)
+
+    vis = _TO_INTERNAL[keypoints[..., 2].astype(np.intp)]
+    labelled = vis > VIS_UNLABELLED
+    keypoints = np.concatenate([np.where(labelled[..., None], keypoints[..., :2], 0.0),
+                                vis[..., None]], axis=-1).astype(np.float32)
+    boxes = np.concatenate([xywh[people, :2], xywh[people, :2] + xywh[people, 2:]], axis=1)
+    no_joint = ~labelled.any(axis=1)
+    zero_box = (xywh[people, 2:] == 0).any(axis=1) & ~no_joint
+    keep = ~(no_joint | zero_box)
+
+    ignore_regions: List[List[Any]] = [[] for _ in images]
+    for row in np.concatenate([np.flatnonzero(crowd), people[no_joint]]):
+        ignore_regions[owner[row]].append(_region(anns[row], xywh[row]))
+
     stats = ReaderStats(source=source)
+    stats.drop_people("crowd (ignore region)", crowd.sum())
+    stats.drop_people("no labelled joint (ignore region)", no_joint.sum())
+    stats.drop_people("zero-size box", zero_box.sum())
+    # the kept people, still image by image: image i owns rows offsets[i]:offsets[i + 1]
+    kept_rows = people[keep]
+    keypoints, boxes = keypoints[keep], boxes[keep].astype(np.float32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owner[kept_rows], minlength=len(images)))]).tolist()
     records = []
-    for image in data["images"]:
-        anns = [a for a in index.imgToAnns.get(image["id"], ()) if a["category_id"] in person_categories]
-        records.append(_image_record(image, anns, source, image_dir, skeleton, stats))
+    for i, image in enumerate(images):
+        rows = slice(offsets[i], offsets[i + 1])
+        records.append(ImageRecord(
+            image_id=str(image["id"]),
+            image_path=os.path.join(image_dir, image["file_name"]) if image_dir else None,
+            keypoints=keypoints[rows],
+            boxes=boxes[rows],
+            person_names=[str(anns[row]["id"]) for row in kept_rows[rows]],
+            width=image["width"],
+            height=image["height"],
+            ignore_regions=ignore_regions[i]))
+    stats.images = len(records)
+    stats.people = len(kept_rows)
+    stats.empty_images = sum(r.num_people == 0 for r in records)
     return records, stats
+
+
+def _person_annotations(images: Sequence[Dict[str, Any]], index: CocoIndex,
+                        person_categories: Set[Any]) -> Tuple[List[Dict[str, Any]], np.ndarray]:
+    """The annotations of the person categories, image by image, and the image index of each."""
+    anns, owner = [], []
+    for i, image in enumerate(images):
+        for ann in index.imgToAnns.get(image["id"], ()):
+            if ann["category_id"] in person_categories:
+                anns.append(ann)
+                owner.append(i)
+    return anns, np.asarray(owner, np.int64)
+
+
+def _read_boxes(anns: Sequence[Dict[str, Any]], label: Callable[[int], str]) -> Tuple[np.ndarray, np.ndarray]:
+    """bool [A] crowd flags and float64 [A, 4] ``[x, y, w, h]`` boxes of the annotations."""
+    crowd = np.zeros(len(anns), bool)
+    for row, ann in enumerate(anns):
+        if "bbox" not in ann:
+            raise AnnotationError(f"{label(row)}: missing key 'bbox'")
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            raise AnnotationError(f"{label(row)}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+        crowd[row] = bool(iscrowd)
+    xywh = number_rows([ann["bbox"] for ann in anns], 4, lambda r: f"{label(r)}: bbox", BBOX_VALUE_NAMES)
+    negative = (xywh[:, 2:] < 0).any(axis=1)
+    if negative.any():
+        row = int(np.flatnonzero(negative)[0])
+        raise AnnotationError(f"{label(row)}: bbox {anns[row]['bbox']} has a negative width or height")
+    return crowd, xywh
+
+
+def _read_keypoints(anns: Sequence[Dict[str, Any]], label: Callable[[int], str],
+                    skeleton: Skeleton) -> np.ndarray:
+    """float64 [A, J, 3] keypoints of the (non-crowd) annotations, values as in the file."""
+    for row, ann in enumerate(anns):
+        if "keypoints" not in ann:
+            raise AnnotationError(f"{label(row)}: missing key 'keypoints'")
+    num_joints = skeleton.num_joints
+    keypoints = number_rows([ann["keypoints"] for ann in anns], 3 * num_joints,
+                            lambda r: f"{label(r)}: keypoints", keypoint_value_names(skeleton.joint_names))
+    keypoints = keypoints.reshape(len(anns), num_joints, 3)
+    _check_values(keypoints, label, skeleton)
+    return keypoints
 
 
 def _check_structure(data: Any, source: str, skeleton: Skeleton, need_file_name: bool) -> Set[Any]:
@@ -149,82 +235,24 @@ def _check_structure(data: Any, source: str, skeleton: Skeleton, need_file_name:
     return {c["id"] for c in people}
 
 
-def _image_record(image: Dict[str, Any], anns: Sequence[Dict[str, Any]], source: str,
-                  image_dir: Optional[str], skeleton: Skeleton, stats: ReaderStats) -> ImageRecord:
-    image_id = image["id"]
-    num_joints = skeleton.num_joints
-    value_names = keypoint_value_names(skeleton.joint_names)
-    ignore_regions: List[Any] = []
-    people, keypoints, boxes = [], [], []
-    for ann in anns:
-        what = _where(source, image_id, ann["id"])
-        require_keys(ann, ("bbox",), what)
-        x, y, w, h = number_array(ann["bbox"], 4, f"{what}: bbox", BBOX_VALUE_NAMES)
-        if w < 0 or h < 0:
-            raise AnnotationError(f"{what}: bbox {ann['bbox']} has a negative width or height")
-        iscrowd = ann.get("iscrowd", 0)
-        if iscrowd not in (0, 1):
-            raise AnnotationError(f"{what}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
-        if iscrowd:
-            ignore_regions.append(_region(ann, (x, y, w, h)))
-            stats.drop_person("crowd (ignore region)")
-            continue
-        require_keys(ann, ("keypoints",), what)
-        people.append(ann)
-        keypoints.append(number_array(ann["keypoints"], 3 * num_joints, f"{what}: keypoints", value_names))
-        boxes.append((x, y, x + w, y + h))
-
-    ann_ids = [ann["id"] for ann in people]
-    keypoints = np.asarray(keypoints, np.float64).reshape(len(people), num_joints, 3)
-    boxes = np.asarray(boxes, np.float64).reshape(len(people), 4)
-    _check_values(keypoints, ann_ids, source, image_id, skeleton)
-
-    vis = _TO_INTERNAL[keypoints[..., 2].astype(np.intp)]
-    labelled = vis > VIS_UNLABELLED
-    xy = np.where(labelled[..., None], keypoints[..., :2], 0.0)
-    no_joint = ~labelled.any(axis=1)
-    zero_box = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])) & ~no_joint
-    for n in np.flatnonzero(no_joint):
-        x1, y1, x2, y2 = boxes[n]
-        ignore_regions.append(_region(people[n], (x1, y1, x2 - x1, y2 - y1)))
-    stats.drop_people("no labelled joint (ignore region)", no_joint.sum())
-    stats.drop_people("zero-size box", zero_box.sum())
-    keep = np.flatnonzero(~(no_joint | zero_box))
-    stats.images += 1
-    stats.people += len(keep)
-    stats.empty_images += int(len(keep) == 0)
-    return ImageRecord(
-        image_id=str(image_id),
-        image_path=os.path.join(image_dir, image["file_name"]) if image_dir else None,
-        keypoints=np.concatenate([xy, vis[..., None]], axis=-1)[keep].astype(np.float32),
-        boxes=boxes[keep].astype(np.float32),
-        person_names=[str(ann_ids[i]) for i in keep],
-        width=image["width"],
-        height=image["height"],
-        ignore_regions=ignore_regions,
-    )
-
-
 def _where(source: str, image_id: Any, ann_id: Any) -> str:
     return f"{where(source, image_id)}, annotation {ann_id!r}"
 
 
-def _check_values(keypoints: np.ndarray, ann_ids: Sequence[Any], source: str, image_id: Any,
-                  skeleton: Skeleton) -> None:
-    """Visibility set and non-negative labelled coordinates, checked as arrays."""
+def _check_values(keypoints: np.ndarray, person: Callable[[int], str], skeleton: Skeleton) -> None:
+    """Visibility set and non-negative labelled coordinates, checked as arrays; ``person(row)``
+    names a row in the message."""
     vis = keypoints[..., 2]
-    bad = ~np.isin(vis, COCO_VISIBILITY_VALUES)
+    bad = ~(vis[..., None] == _VISIBILITY_VALUES).any(axis=-1)
     if bad.any():
         n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{_where(source, image_id, ann_ids[n])}: {skeleton.joint_names[j]} has "
-                              f"visibility {vis[n, j]:g}; COCO uses 0 (not labelled), "
-                              f"1 (occluded), 2 (visible)")
+        raise AnnotationError(f"{person(n)}: {skeleton.joint_names[j]} has visibility {vis[n, j]:g}; "
+                              f"COCO uses 0 (not labelled), 1 (occluded), 2 (visible)")
     bad = (vis != INTERNAL_TO_COCO[VIS_UNLABELLED]) & (keypoints[..., :2] < 0).any(axis=-1)
     if bad.any():
         n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{_where(source, image_id, ann_ids[n])}: labelled joint "
-                              f"{skeleton.joint_names[j]} has a negative coordinate "
-                              f"({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
+        raise AnnotationError(f"{person(n)}: labelled joint {skeleton.joint_names[j]} has a "
+                              f"negative coordinate ({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
 
 
 def _region(ann: Dict[str, Any], xywh: Sequence[float]) -> Any:
@@ -253,26 +281,27 @@ def to_coco_json(records: Sequence[ImageRecord], image_ids: Sequence[int], file_
     polygon (a keypoint file has no masks to offer; pycocotools tools that need a segmentation
     still work). The category's ``skeleton`` lists the SPM hierarchy's limbs, 1-based as COCO's.
     """
-    images, annotations = [], []
+    images = []
     for record, image_id, file_name in zip(records, image_ids, file_names, strict=True):
         if record.width is None or record.height is None:
             raise ValueError(f"image {record.image_id!r}: a COCO file needs the image width and height")
         images.append({"id": int(image_id), "file_name": file_name,
                        "width": int(record.width), "height": int(record.height)})
-        vis = record.keypoints[..., 2].astype(np.int64)
-        labelled = vis > VIS_UNLABELLED
-        xy = np.where(labelled[..., None], record.keypoints[..., :2], 0.0)
-        file_vis = _TO_FILE[vis]
-        xywh = np.concatenate([record.boxes[:, :2], record.boxes[:, 2:] - record.boxes[:, :2]], 1)
-        for person_xy, person_vis, box, num_labelled in zip(xy, file_vis, xywh, labelled.sum(1)):
-            values = json_numbers(np.concatenate([person_xy, np.zeros_like(person_xy[:, :1])], 1).ravel())
-            values[2::3] = person_vis.tolist()
-            bbox = json_numbers(box)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": int(image_id), "category_id": 1,
-                "iscrowd": 0, "bbox": bbox, "area": json_numbers(box[2] * box[3]),
-                "num_keypoints": int(num_labelled), "keypoints": values,
-                "segmentation": box_polygon(box)})
+    keypoints = np.concatenate([r.keypoints for r in records] +
+                               [np.zeros((0, skeleton.num_joints, 3), np.float32)])
+    boxes = np.concatenate([r.boxes for r in records] + [np.zeros((0, 4), np.float32)])
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    owners = np.repeat([image["id"] for image in images], [r.num_people for r in records]).tolist()
+    x1, y1, x2, y2 = boxes.T
+    polygons = np.stack([x1, y1, x2, y1, x2, y2, x1, y2], axis=1)
+    annotations = [
+        {"id": n + 1, "image_id": owner, "category_id": 1, "iscrowd": 0, "bbox": bbox,
+         "area": area, "num_keypoints": num_keypoints, "keypoints": values,
+         "segmentation": [polygon]}
+        for n, (owner, bbox, area, num_keypoints, values, polygon) in enumerate(zip(
+            owners, json_numbers(xywh), json_numbers(xywh[:, 2] * xywh[:, 3]),
+            (keypoints[..., 2] > VIS_UNLABELLED).sum(axis=1).tolist(),
+            keypoint_lists(keypoints, _TO_FILE), json_numbers(polygons)))]
     category = {"id": 1, "name": PERSON_CATEGORY, "supercategory": PERSON_CATEGORY,
                 "keypoints": list(skeleton.joint_names),
                 "skeleton": [[p + 1, c + 1] for p, c in skeleton.limbs]}

@@ -44,6 +44,7 @@ labelled joint (``floor(max) + 1`` pixels), with a warning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -61,12 +62,19 @@ logger = logging.getLogger(__name__)
 Size = Tuple[int, int]   # (width, height)
 
 
-def remap_joints(record: ImageRecord, src: Skeleton, dst: Skeleton) -> ImageRecord:
-    """``record`` with keypoints in ``dst``'s joint order; joints ``src`` lacks are unlabelled."""
-    mapping = np.array(joint_mapping(src, dst), np.intp).reshape(-1, 2)
-    keypoints = np.zeros((record.num_people, dst.num_joints, 3), np.float32)
-    keypoints[:, mapping[:, 1]] = record.keypoints[:, mapping[:, 0]]
-    return dataclasses.replace(record, keypoints=keypoints)
+def remap_joints(keypoints: np.ndarray, src: Skeleton, dst: Skeleton) -> np.ndarray:
+    """[N, src J, 3] keypoints in ``dst``'s joint order [N, dst J, 3]; joints ``src`` lacks are
+    unlabelled (0, 0, 0 in the internal convention)."""
+    src_index, dst_index = _joint_indices(src, dst)
+    out = np.zeros((len(keypoints), dst.num_joints, 3), np.float32)
+    out[:, dst_index] = keypoints[:, src_index]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _joint_indices(src: Skeleton, dst: Skeleton) -> Tuple[np.ndarray, np.ndarray]:
+    pairs = np.array(joint_mapping(src, dst), np.intp).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 def aic_to_coco(aic_list: Any, image_sizes: Optional[Mapping[str, Size]] = None,
@@ -86,7 +94,6 @@ def aic_to_coco(aic_list: Any, image_sizes: Optional[Mapping[str, Size]] = None,
     """
     records, stats = ai_challenger_records(aic_list, source, skeleton=AI_CHALLENGER)
     logger.info(stats.summary())
-    records = [remap_joints(r, AI_CHALLENGER, COCO) for r in records]
     sizes = dict(image_sizes or {})
     if image_dir is not None:
         sizes.update(image_sizes_from_dir([r.image_id for r in records if r.image_id not in sizes],
@@ -98,7 +105,8 @@ def aic_to_coco(aic_list: Any, image_sizes: Optional[Mapping[str, Size]] = None,
                        "true sizes.", len(missing), len(records))
         estimated = estimate_image_sizes([r for r in records if r.image_id not in sizes])
         sizes.update(zip(missing, estimated))
-    records = [dataclasses.replace(r, width=int(sizes[r.image_id][0]), height=int(sizes[r.image_id][1]))
+    records = [dataclasses.replace(r, keypoints=remap_joints(r.keypoints, AI_CHALLENGER, COCO),
+                                   width=int(sizes[r.image_id][0]), height=int(sizes[r.image_id][1]))
                for r in records]
     ids = [r.image_id for r in records]
     return to_coco_json(records, coco_image_ids(ids), [i + IMAGE_EXTENSION for i in ids], COCO)
@@ -120,7 +128,8 @@ def coco_to_aic(coco_dict: Any, source: str = "COCO annotations") -> List[Dict[s
             raise AnnotationError(f"{source}: images {seen[stem]} and {image_id} have the same file "
                                   f"stem {stem!r}, which would be one AI Challenger image id")
         seen[stem] = image_id
-    records = [dataclasses.replace(remap_joints(r, COCO, AI_CHALLENGER), image_id=stems[r.image_id],
+    records = [dataclasses.replace(r, keypoints=remap_joints(r.keypoints, COCO, AI_CHALLENGER),
+                                   image_id=stems[r.image_id],
                                    person_names=[f"human{k + 1}" for k in range(r.num_people)])
                for r in records]
     return to_ai_challenger_json(records)

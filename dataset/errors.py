@@ -4,8 +4,8 @@ Every problem with an annotation or prediction file raises :class:`AnnotationErr
 ``ValueError``) whose message names the file, the record (image id, person key, joint) and the
 problem, so that a bad line in a 300 MB file can be found without a debugger.
 
-The checks are written for speed on AI Challenger train (210k images, 380k people): a person's
-values are checked with one C-level pass over their Python types and then as one NumPy array;
+The checks are written for speed on AI Challenger train (210k images, 380k people): the values of
+all people are checked with one C-level pass over their Python types and then as one NumPy array;
 Python only loops over values to name the culprit once a check has failed.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dataset.records import ReadStats
+from dataset.records import VIS_UNLABELLED, ReadStats
 
 
 class AnnotationError(ValueError):
@@ -93,6 +94,29 @@ def number_array(values: Any, length: int, what: str, names: Optional[Sequence[s
     return array
 
 
+def number_rows(rows: Sequence[Any], length: int, describe: Callable[[int], str],
+                names: Optional[Sequence[str]] = None) -> np.ndarray:
+    """float64 [len(rows), length] of many lists of numbers (e.g. every person of a file).
+
+    The fast path checks every value's type in one C-level pass and converts once; only when it
+    fails does :func:`number_array` go through the rows one by one to name the culprit, with
+    ``describe(i)`` (built only then) naming row ``i``.
+    """
+    if len(rows) == 0:
+        return np.zeros((0, length), np.float64)
+    try:
+        types = set(map(type, itertools.chain.from_iterable(rows)))
+        if all(map(_is_number_type, types)):
+            array = np.array(rows, dtype=np.float64)
+            if array.shape == (len(rows), length) and np.isfinite(array).all():
+                return array
+    except (TypeError, ValueError):   # a row that is not a list, or rows of different lengths
+        pass
+    for i, row in enumerate(rows):
+        number_array(row, length, describe(i), names)
+    raise AnnotationError(f"{describe(0)}: malformed list of numbers")   # not reached
+
+
 def _value_name(i: int, names: Optional[Sequence[str]]) -> str:
     return f"{names[i]} (value {i})" if names is not None else f"value {i}"
 
@@ -126,6 +150,29 @@ def json_numbers(values: np.ndarray, decimals: int = 3) -> list:
     return np.round(values, decimals).tolist()
 
 
+def keypoint_lists(keypoints: np.ndarray, to_file: np.ndarray) -> list:
+    """One flat ``[x, y, v] * J`` list per person, in a file's visibility convention.
+
+    Args:
+        keypoints: [people, J, 3] in the internal convention (``dataset/records.py``).
+        to_file: internal visibility -> file visibility, as an index table.
+
+    Unlabelled joints are written at ``0, 0``; visibilities are ints, coordinates as
+    :func:`json_numbers` (ints when every coordinate of ``keypoints`` is integral).
+    """
+    vis = keypoints[..., 2].astype(np.int64)
+    xy = np.where((vis > VIS_UNLABELLED)[..., None], keypoints[..., :2], 0.0)
+    file_vis = to_file[vis]
+    rows = np.concatenate([xy, file_vis[..., None]], axis=-1).reshape(len(keypoints), -1)
+    if np.array_equal(xy, np.round(xy)):
+        return rows.astype(np.int64).tolist()
+    rows = np.round(rows, 3).tolist()
+    for row, v in zip(rows, file_vis.tolist()):
+        row[2::3] = v
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
 def keypoint_value_names(joint_names: Sequence[str]) -> tuple:
     """``('right_shoulder x', 'right_shoulder y', 'right_shoulder v', ...)``: names of a flat list."""
     return tuple(f"{j} {c}" for j in joint_names for c in ("x", "y", "v"))

@@ -49,8 +49,7 @@ import numpy as np
 
 from config.skeletons import AI_CHALLENGER
 from dataset.ai_challenger import AIC_VISIBLE, parse_ai_challenger
-from dataset.errors import (AnnotationError, keypoint_value_names, load_json, number_array,
-                            where)
+from dataset.errors import AnnotationError, keypoint_value_names, load_json, number_rows, where
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 DELTA = 2 * np.array(AI_CHALLENGER.oks_sigmas, np.float64)
@@ -113,14 +112,16 @@ def load_reference(ref: Union[List[Any], AicReference], source: str = "reference
     """
     if isinstance(ref, AicReference):
         return ref
+    annotations = parse_ai_challenger(ref, source, AI_CHALLENGER)
+    boxes = annotations.boxes
+    scale = ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).astype(np.float32)
+    scale_plus_one = scale.astype(np.float64) + 1
+    xy = annotations.keypoints[..., :2]
+    visible = annotations.keypoints[..., 2] == AIC_VISIBLE
     images = {}
-    for image in parse_ai_challenger(ref, source, AI_CHALLENGER):
-        boxes = image.boxes
-        scale = ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).astype(np.float32)
-        images[image.image_id] = _ReferenceImage(
-            xy=image.keypoints[..., :2],
-            visible=image.keypoints[..., 2] == AIC_VISIBLE,
-            scale_plus_one=scale.astype(np.float64) + 1)
+    for i, image_id in enumerate(annotations.image_ids):
+        rows = annotations.people(i)
+        images[image_id] = _ReferenceImage(xy[rows], visible[rows], scale_plus_one[rows])
     return AicReference(images, source)
 
 
@@ -153,10 +154,10 @@ def load_predictions(submit: Any, source: str = "submission") -> Tuple[Dict[str,
         if not isinstance(people, dict):
             raise AnnotationError(f"{where(source, raw_id)}: 'keypoint_annotations' must be an object "
                                   f"{{\"humanN\": [x, y, v] * {NUM_JOINTS}}}, got {type(people).__name__}")
-        xy = np.empty((len(people), NUM_JOINTS, 3), np.float64)
-        for p, (name, values) in enumerate(people.items()):
-            xy[p] = number_array(values, 3 * NUM_JOINTS, f"{where(source, raw_id, name)}: keypoints",
-                                 _VALUE_NAMES).reshape(NUM_JOINTS, 3)
+        names = list(people)
+        values = number_rows(list(people.values()), 3 * NUM_JOINTS,
+                             lambda i: f"{where(source, raw_id, names[i])}: keypoints", _VALUE_NAMES)
+        xy = values.reshape(len(names), NUM_JOINTS, 3)
         image_id = raw_id.split(".")[0]
         if image_id in predictions:
             warnings.append(raw_id + " is duplicated in prediction JSON file.")
