@@ -154,3 +154,5 @@ def test_tool_reads_image_sizes_from_files(tmp_path, capsys):
     assert convert_annotations.main(["--to", "coco", "--in", str(src), "--out", str(out),
                                      "--images", str(image_dir)]) == 1
     assert aic[1]["image_id"] + ".jpg: no such image" in capsys.readouterr().err
+    assert convert_annotations.main(["--to", "aic", "--in", str(src), "--out", str(back)]) == 1
+    assert "already in the aic format" in capsys.readouterr().err     # an AIC file given as COCO

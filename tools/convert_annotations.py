@@ -39,18 +39,27 @@ def main(argv=None) -> int:
         parser.error(f"--images {args.images}: no such folder")
     try:
         data = load_json(args.input)
+        source_format = {"coco": "AI Challenger (a JSON list)", "aic": "COCO (a JSON object)"}[args.to]
+        if isinstance(data, list) != (args.to == "coco"):
+            print(f"error: {args.input}: --to {args.to} reads {source_format}; "
+                  f"is the file already in the {args.to} format?", file=sys.stderr)
+            return 1
         if args.to == "coco":
             out = aic_to_coco(data, image_dir=args.images, source=args.input)
             what = f"{len(out['images'])} images, {len(out['annotations'])} people"
         else:
             out = coco_to_aic(data, source=args.input)
             what = f"{len(out)} images, {sum(len(e['keypoint_annotations']) for e in out)} people"
-        tmp = args.out + ".tmp"
+    except (ValueError, OSError) as e:   # AnnotationError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    tmp = args.out + ".tmp"
+    try:
         with open(tmp, "w") as f:
             json.dump(out, f)
         os.replace(tmp, args.out)
-    except (ValueError, OSError) as e:   # AnnotationError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {what}")
     return 0
