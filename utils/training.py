@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_WEIGHTS = "best.weights.h5"
 FINAL_WEIGHTS = "final.weights.h5"
+PICTURE = "predictions.png"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,14 +155,15 @@ class Trainer:
         run_dir: where checkpoints, logs and pictures go; resumes from it when it holds a run.
         evaluate_fn: ``(model, cfg) -> dict`` with at least ``score``; None = the default
             evaluation (utils.inference.evaluate_model on the validation set).
-        train_dataset_fn: ``(cfg, global_batch) -> (tf.data.Dataset, num_examples)``; None = the
-            configured dataset (dataset.dataset.get_dataset).
+        pipeline: the training input (``dataset.dataset.InputPipeline``: ``len()``,
+            ``dataset(input_context=..., repeat=True)`` yielding per-replica batches, ``skipped``);
+            None = the configured training split.
     """
 
     def __init__(self, cfg: Config, strategy: Optional[tf.distribute.Strategy] = None,
                  run_dir: Optional[str] = None,
                  evaluate_fn: Optional[Callable[[keras.Model, Config], Dict[str, Any]]] = None,
-                 train_dataset_fn: Optional[Callable] = None):
+                 pipeline=None):
         from nets.spm_model import build_spm_model
 
         self.cfg = cfg
@@ -173,15 +175,20 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self._check_run_dir_config()
 
-        train_dataset_fn = train_dataset_fn or _default_train_dataset
-        dataset, num_examples = train_dataset_fn(cfg, self.global_batch)
-        self.num_examples = num_examples
-        self.steps_per_epoch = cfg.train.steps_per_epoch or max(1, num_examples // self.global_batch)
-        if not cfg.train.steps_per_epoch and num_examples < self.global_batch:
-            raise ValueError(f"the training set has {num_examples} examples, fewer than one global "
-                             f"batch of {self.global_batch}")
-        self.dataset = dataset
-        self.dist_dataset = self.strategy.experimental_distribute_dataset(dataset)
+        if pipeline is None:
+            from dataset.dataset import InputPipeline
+
+            pipeline = InputPipeline(cfg, "train")
+        self.pipeline = pipeline
+        self.num_examples = len(pipeline)
+        if not cfg.train.steps_per_epoch and self.num_examples < self.global_batch:
+            raise ValueError(f"the training set has {self.num_examples} images, fewer than one "
+                             f"global batch of {self.global_batch}")
+        self.steps_per_epoch = cfg.train.steps_per_epoch or self.num_examples // self.global_batch
+        # Each input pipeline (one per worker) reads its own shard of the records and batches
+        # per replica; the stream repeats, epochs are counted in steps.
+        self.dist_dataset = self.strategy.distribute_datasets_from_function(
+            lambda ctx: pipeline.dataset(input_context=ctx, repeat=True))
 
         set_precision_policy(cfg)
         with self.strategy.scope():
@@ -340,7 +347,10 @@ class Trainer:
                     self.save_checkpoint()
             self.epoch.assign(epoch + 1)
             record = {"epoch": epoch + 1, "step": int(self.step.numpy()),
-                      **{f"loss_{k}": v / max(n, 1) for k, v in sums.items()}}
+                      **{f"loss_{k}": v / max(n, 1) for k, v in sums.items()},
+                      "skipped_images": self.pipeline.skipped.count}
+            if self.pipeline.skipped.count and self.is_chief:
+                log.warning("%s", self.pipeline.skipped.summary())
             if (epoch + 1) % max(1, cfg.train.eval_every_epochs) == 0 or epoch + 1 == epochs:
                 last_eval = self.evaluate()
                 record.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
@@ -359,6 +369,11 @@ class Trainer:
             self._save_history(history)
         if self.is_chief:
             self.model.save_weights(os.path.join(self.run_dir, FINAL_WEIGHTS))
+            if self.evaluate_fn is None:
+                from utils.inference import save_prediction_picture
+
+                path = save_prediction_picture(self.model, self.cfg, os.path.join(self.run_dir, PICTURE))
+                log.info("predictions on validation images: %s", path)
         self.writer.flush()
         if not self.is_chief:
             shutil.rmtree(self._ckpt_dir, ignore_errors=True)
@@ -398,8 +413,3 @@ class Trainer:
                 json.dump(history, f, indent=1)
             os.replace(tmp, self._history_path())
 
-
-def _default_train_dataset(cfg: Config, global_batch: int):
-    from dataset.dataset import get_dataset
-
-    return get_dataset(cfg, "train", batch_size=global_batch)

@@ -1,0 +1,330 @@
+"""Inference: rebuild a trained model, predict poses in original image coordinates, score them.
+
+One path serves the training loop's evaluation, ``tools/model_val.py``,
+``tools/spm_model_test.py``, the ``infer`` benchmark and the export test:
+
+    model, cfg = load_trained_model(run_dir)              # config.json + weights
+    predictor = Predictor(model, cfg, flip=False)         # network + in-graph SPR decoder
+    results = predict_records(predictor, records)         # poses in original coordinates
+    score = evaluate_model(model, cfg)                    # validation split, official metric
+
+Flip testing (``flip=True``) runs the network on the image and on its mirror, mirrors the second
+maps back (left and right channels swapped, x displacements negated: ``utils.spr.flip_maps``),
+averages the maps, and decodes once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from contextlib import redirect_stdout
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from config import CONFIG_FILENAME, Config, load_config
+from dataset.records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("best.weights.h5", "final.weights.h5")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def resolve_weights(path: str) -> Tuple[str, str]:
+    """(config.json path, weights path) of a run directory or of a ``.weights.h5`` file.
+
+    A run directory gives its best weights, else its final weights, else its latest
+    checkpoint; a weights file takes the ``config.json`` beside it.
+    """
+    if os.path.isdir(path):
+        config_path = os.path.join(path, CONFIG_FILENAME)
+        for name in WEIGHT_FILES:
+            if os.path.exists(os.path.join(path, name)):
+                return config_path, os.path.join(path, name)
+        import tensorflow as tf
+
+        latest = tf.train.latest_checkpoint(os.path.join(path, "checkpoints"))
+        if latest:
+            return config_path, latest
+        raise FileNotFoundError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)} "
+                                f"or checkpoints/)")
+    if not os.path.exists(path) and not os.path.exists(path + ".index"):
+        raise FileNotFoundError(f"{path}: no such run directory or weights file")
+    return os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILENAME), path
+
+
+def load_trained_model(path: str, config_path: Optional[str] = None, expect_skeleton: Optional[str] = None):
+    """Rebuild the model of a run and load its weights: returns ``(model, cfg)``.
+
+    Args:
+        path: a run directory, a ``.weights.h5`` file or a checkpoint prefix.
+        config_path: the config to build the model from (default: the run's ``config.json``).
+        expect_skeleton: refuse, with a clear message, a model of another skeleton.
+    """
+    import tensorflow as tf
+    from nets.spm_model import build_spm_model
+
+    default_config, weights = resolve_weights(path)
+    config_path = config_path or default_config
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: no config beside the weights {weights}; pass the "
+                                f"run directory, or --config with the training config.json")
+    cfg = load_config(config_path)
+    if expect_skeleton and cfg.data.skeleton != expect_skeleton:
+        raise ValueError(f"{path} is a model of the {cfg.data.skeleton} skeleton "
+                         f"({cfg.skeleton.num_joints} joints, preset {cfg.preset}); these annotations "
+                         f"need the {expect_skeleton} skeleton")
+    model = build_spm_model(cfg)
+    try:
+        if weights.endswith(".h5"):
+            model.load_weights(weights)
+        else:
+            tf.train.Checkpoint(model=model).restore(weights).expect_partial().assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{weights}: these weights do not fit the model of {config_path} (backbone "
+                         f"{cfg.model.backbone}, head {cfg.model.head}, skeleton {cfg.data.skeleton}): "
+                         f"{first}") from None
+    return model, cfg
+
+
+# ----------------------------------------------------------------------------- prediction
+
+class Predictor:
+    """Network + SPR decoder in one graph: float32 images [B, H, W, 3] (0..255, letterboxed) ->
+    poses [B, K, J, 2] (network-input pixels), scores [B, K], num_people [B]."""
+
+    def __init__(self, model, cfg: Config, flip: bool = False):
+        import tensorflow as tf
+        from utils.spr import decode, flip_maps
+
+        self.model, self.cfg, self.flip = model, cfg, flip
+        skeleton, spr = cfg.skeleton, cfg.spr
+        h, w = cfg.data.input_height, cfg.data.input_width
+
+        def maps(images):
+            out = model(images, training=False)
+            root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
+            if flip:
+                out_f = model(tf.reverse(images, axis=[2]), training=False)
+                root_f, disp_f = flip_maps(tf.cast(out_f["root"], tf.float32),
+                                           tf.cast(out_f["disp"], tf.float32), skeleton)
+                root, disp = (root + root_f) / 2.0, (disp + disp_f) / 2.0
+            return root, disp
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)])
+        def predict(images):
+            root, disp = maps(images)
+            return decode(root, disp, skeleton, spr)
+
+        self.maps = tf.function(maps, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)])
+        self.predict = predict
+
+    def __call__(self, images):
+        return self.predict(images)
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Poses of one image in original image coordinates."""
+    record: ImageRecord
+    poses: np.ndarray     # float64 [n, J, 2]
+    scores: np.ndarray    # float64 [n]
+
+
+def _to_original(poses: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """Network-input poses [..., 2] -> original coordinates with letterbox params sx, sy, px, py."""
+    sx, sy, px, py = (float(v) for v in lb)
+    out = np.empty(poses.shape, np.float64)
+    out[..., 0] = (poses[..., 0] - px) / sx
+    out[..., 1] = (poses[..., 1] - py) / sy
+    return out
+
+
+def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_size: int = 8,
+                    progress: bool = False) -> Tuple[List[Prediction], Any]:
+    """Predict every record's image with the evaluation pipeline (decode + letterbox in parallel).
+
+    Returns ``(predictions, pipeline)``; images that cannot be read are skipped with a warning and
+    counted in ``pipeline.skipped`` (they get no prediction).
+    """
+    from dataset.dataset import InputPipeline
+
+    pipeline = InputPipeline(predictor.cfg, "val", records)
+    dataset = pipeline.eval_dataset(batch_size)
+    bar = None
+    if progress:
+        import keras
+
+        bar = keras.utils.Progbar(len(records), unit_name="image")
+    out: List[Prediction] = []
+    done = 0
+    for images, info in dataset:
+        poses, scores, num = (t.numpy() for t in predictor(images))
+        for b, index in enumerate(info["index"].numpy()):
+            n = int(num[b])
+            out.append(Prediction(pipeline.records[int(index)],
+                                  _to_original(poses[b, :n], info["letterbox"].numpy()[b]),
+                                  scores[b, :n].astype(np.float64)))
+        done += len(images)
+        if bar is not None:
+            bar.update(done)
+    return out, pipeline
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def aic_predictions(predictions: Iterable[Prediction]) -> List[dict]:
+    from utils.spr import aic_prediction
+
+    return [aic_prediction(p.record.image_id, p.poses) for p in predictions]
+
+
+def coco_predictions(predictions: Iterable[Prediction]) -> List[dict]:
+    from utils.spr import coco_results
+
+    out: List[dict] = []
+    for p in predictions:
+        out.extend(coco_results(int(p.record.image_id), p.poses, p.scores))
+    return out
+
+
+def score_aic(ref_json: str, predictions: Sequence[Prediction],
+              image_ids: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The official AI Challenger score of ``predictions`` against the annotation file.
+
+    ``image_ids`` restricts the reference to the images that were evaluated (for example the
+    first ``max_val_images``); an evaluated image without a prediction (unreadable) counts as
+    missed, as the official scorer counts it.
+    """
+    from utils.aic_eval import load_json, score_predictions
+
+    submit = aic_predictions(predictions)
+    ref = load_json(ref_json)
+    if image_ids is not None:
+        keep = set(image_ids)
+        ref = [r for r in ref if not isinstance(r, dict) or r.get("image_id") in keep]
+    result = score_predictions(ref, submit, ref_json, "predictions")
+    return {"score": float(result.score), "ap50": float(result.ap[0]), "ap75": float(result.ap[5]),
+            "images": result.num_images, "people": result.num_people}
+
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def score_coco(ann_json: str, predictions: Sequence[Prediction],
+               image_ids: Optional[Sequence[str]] = None, verbose: bool = False) -> Dict[str, Any]:
+    """COCO keypoint AP with pycocotools' COCOeval (the official COCO metric)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = coco_predictions(predictions)
+    if not results:
+        return {"score": 0.0, "AP": 0.0, "images": len(predictions)}
+    sink = io.StringIO()
+    with redirect_stdout(sink):
+        gt = COCO(ann_json)
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "keypoints")
+        ids = image_ids if image_ids is not None else [p.record.image_id for p in predictions]
+        ev.params.imgIds = sorted({int(i) for i in ids})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    if verbose:
+        print(sink.getvalue().split("DONE", 2)[-1].strip() if "DONE" in sink.getvalue() else sink.getvalue())
+    stats = {name: float(v) for name, v in zip(COCO_STAT_NAMES, ev.stats)}
+    return {"score": stats["AP"], **stats, "images": len(ev.params.imgIds)}
+
+
+def score_predictions_for(cfg: Config, ann_json: str, predictions: Sequence[Prediction],
+                          image_ids: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The dataset's official metric: AI Challenger score (AIC, synthetic) or COCO AP."""
+    if cfg.data.dataset == "coco":
+        return score_coco(ann_json, predictions, image_ids)
+    return score_aic(ann_json, predictions, image_ids)
+
+
+def evaluate_model(model, cfg: Config, writer=None, step: int = 0, flip: bool = False,
+                   num_pictures: int = 4) -> Dict[str, Any]:
+    """Score ``model`` on the configured validation split with the dataset's official metric.
+
+    With a summary ``writer``, also logs pictures of the predictions on the first images.
+    """
+    from dataset.dataset import load_records, split_paths
+
+    records, _ = load_records(cfg, "val")
+    ann_json, _ = split_paths(cfg, "val")
+    start = time.time()
+    predictor = Predictor(model, cfg, flip=flip)
+    predictions, pipeline = predict_records(predictor, records, cfg.data.batch_size)
+    result = score_predictions_for(cfg, ann_json, predictions, [r.image_id for r in records])
+    result["eval_seconds"] = round(time.time() - start, 2)
+    result["skipped_images"] = pipeline.skipped.count
+    if writer is not None and num_pictures:
+        import tensorflow as tf
+
+        pictures = [draw_prediction(p, cfg) for p in predictions[:num_pictures]]
+        if pictures:
+            size = max(max(p.shape[0] for p in pictures), 1), max(max(p.shape[1] for p in pictures), 1)
+            batch = np.stack([_pad_to(p, size) for p in pictures])
+            with writer.as_default(step=step):
+                tf.summary.image("val/predictions", batch, max_outputs=num_pictures)
+    return result
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 RGB image of ``path``; a clear error for a missing or unreadable file."""
+    import cv2
+    from dataset.dataset import read_image
+
+    return cv2.cvtColor(read_image(path), cv2.COLOR_BGR2RGB)
+
+
+def draw_prediction(prediction: Prediction, cfg: Config, image: Optional[np.ndarray] = None) -> np.ndarray:
+    """The record's image with the predicted skeletons, roots and scores drawn (uint8 RGB)."""
+    from utils.drawing import draw_poses
+
+    if image is None:
+        image = read_rgb(prediction.record.image_path)
+    return draw_poses(image.copy(), prediction.poses, cfg.skeleton, scores=prediction.scores)
+
+
+def _pad_to(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+    out = np.zeros((hw[0], hw[1], 3), np.uint8)
+    out[:image.shape[0], :image.shape[1]] = image
+    return out
+
+
+def prediction_grid(pictures: Sequence[np.ndarray], columns: int = 3, cell: int = 320) -> np.ndarray:
+    """Tile pictures (each scaled to fit a ``cell`` square) into one uint8 RGB image."""
+    from utils.letterbox import letterbox_image, letterbox_params
+
+    tiles = [letterbox_image(p, letterbox_params(p.shape[0], p.shape[1], cell, cell)) for p in pictures]
+    rows = (len(tiles) + columns - 1) // columns
+    grid = np.zeros((rows * cell, columns * cell, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = t
+    return grid
+
+
+def save_prediction_picture(model, cfg: Config, path: str, num_images: int = 6) -> str:
+    """Predictions on the first validation images, tiled into one PNG at ``path``."""
+    from dataset.dataset import load_records
+    from utils.drawing import save_rgb
+
+    records, _ = load_records(cfg, "val")
+    predictions, _ = predict_records(Predictor(model, cfg), records[:num_images], cfg.data.batch_size)
+    pictures = [draw_prediction(p, cfg) for p in predictions]
+    if not pictures:
+        raise ValueError("no readable validation image to draw predictions on")
+    return save_rgb(path, prediction_grid(pictures))
