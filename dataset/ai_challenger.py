@@ -38,9 +38,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from config.skeletons import AI_CHALLENGER, Skeleton
-from dataset.errors import (AnnotationError, ReaderStats, json_numbers, keypoint_lists,
+from dataset.errors import (AnnotationError, json_numbers, keypoint_lists,
                             keypoint_value_names, load_json, number_rows, require_keys, where)
-from dataset.records import AIC_TO_INTERNAL, INTERNAL_TO_AIC, VIS_UNLABELLED, VIS_VISIBLE, ImageRecord
+from dataset.records import (AIC_TO_INTERNAL, INTERNAL_TO_AIC, VIS_UNLABELLED, VIS_VISIBLE, ImageRecord,
+                             ReadStats)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _check_values(keypoints: np.ndarray, boxes: np.ndarray, person: Callable[[in
 
 
 def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = None,
-                          skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReaderStats]:
+                          skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReadStats]:
     """Records of parsed AI Challenger JSON (see :func:`read_ai_challenger`).
 
     Internal visibility; unlabelled joints zeroed; people with no labelled joint or a box of zero
@@ -193,7 +194,7 @@ def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = Non
     zero_box = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])) & ~no_joint
     keep = ~(no_joint | zero_box)
 
-    stats = ReaderStats(source=source)
+    stats = ReadStats(source=source)
     stats.drop_people("no labelled joint", no_joint.sum())
     stats.drop_people("zero-size box", zero_box.sum())
     # the kept people, still image by image: image i owns rows kept_offsets[i]:kept_offsets[i + 1]
@@ -215,7 +216,7 @@ def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = Non
 
 
 def read_ai_challenger(json_path: str, image_dir: Optional[str] = None,
-                       skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReaderStats]:
+                       skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReadStats]:
     """Read an AI Challenger keypoint file into records.
 
     Args:

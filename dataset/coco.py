@@ -33,9 +33,9 @@ import numpy as np
 from pycocotools.coco import COCO as CocoIndex
 
 from config.skeletons import COCO, Skeleton
-from dataset.errors import (AnnotationError, ReaderStats, json_numbers, keypoint_lists,
+from dataset.errors import (AnnotationError, json_numbers, keypoint_lists,
                             keypoint_value_names, load_json, number_rows, require_keys, where)
-from dataset.records import COCO_TO_INTERNAL, INTERNAL_TO_COCO, VIS_UNLABELLED, ImageRecord
+from dataset.records import COCO_TO_INTERNAL, INTERNAL_TO_COCO, VIS_UNLABELLED, ImageRecord, ReadStats
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _TO_FILE = np.array([INTERNAL_TO_COCO[v] for v in range(len(INTERNAL_TO_COCO))],
 
 
 def read_coco(json_path: str, image_dir: Optional[str] = None,
-              skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReaderStats]:
+              skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReadStats]:
     """Read a COCO person-keypoints file into records, one per entry of ``images``.
 
     Args:
@@ -69,7 +69,7 @@ def read_coco(json_path: str, image_dir: Optional[str] = None,
 
 
 def coco_records(data: Any, source: str, image_dir: Optional[str] = None,
-                 skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReaderStats]:
+                 skeleton: Skeleton = COCO) -> Tuple[List[ImageRecord], ReadStats]:
     """Records of parsed COCO JSON.
 
     Raises AnnotationError naming the file, image and annotation for: a top level that is not an
@@ -111,7 +111,7 @@ def coco_records(data: Any, source: str, image_dir: Optional[str] = None,
     for row in np.concatenate([np.flatnonzero(crowd), people[no_joint]]):
         ignore_regions[owner[row]].append(_region(anns[row], xywh[row]))
 
-    stats = ReaderStats(source=source)
+    stats = ReadStats(source=source)
     stats.drop_people("crowd (ignore region)", crowd.sum())
     stats.drop_people("no labelled joint (ignore region)", no_joint.sum())
     stats.drop_people("zero-size box", zero_box.sum())

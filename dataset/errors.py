@@ -11,7 +11,6 @@ Python only loops over values to name the culprit once a check has failed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import json
@@ -20,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dataset.records import VIS_UNLABELLED, ReadStats
+from dataset.records import VIS_UNLABELLED
 
 
 class AnnotationError(ValueError):
@@ -176,24 +175,3 @@ def keypoint_lists(keypoints: np.ndarray, to_file: np.ndarray) -> list:
 def keypoint_value_names(joint_names: Sequence[str]) -> tuple:
     """``('right_shoulder x', 'right_shoulder y', 'right_shoulder v', ...)``: names of a flat list."""
     return tuple(f"{j} {c}" for j in joint_names for c in ("x", "y", "v"))
-
-
-@dataclasses.dataclass
-class ReaderStats(ReadStats):
-    """:class:`ReadStats` plus the images kept with nobody in them.
-
-    Such an image is valid training data (it teaches background), so it is kept, but a data set
-    where many images lost every person is worth knowing about.
-    """
-    empty_images: int = 0
-
-    def drop_people(self, reason: str, count: int) -> None:
-        """Count ``count`` people left out for ``reason`` (nothing when ``count`` is 0)."""
-        if count:
-            self.dropped_people[reason] = self.dropped_people.get(reason, 0) + int(count)
-
-    def summary(self) -> str:
-        text = super().summary()
-        if self.empty_images:
-            text += f"; {self.empty_images} of the kept images have nobody (kept as background)"
-        return text

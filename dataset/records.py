@@ -79,9 +79,12 @@ class ReadStats:
     people: int = 0
     dropped_people: Dict[str, int] = dataclasses.field(default_factory=dict)
     dropped_images: Dict[str, int] = dataclasses.field(default_factory=dict)
+    empty_images: int = 0   # images kept with nobody in them (valid: they teach background)
 
-    def drop_person(self, reason: str) -> None:
-        self.dropped_people[reason] = self.dropped_people.get(reason, 0) + 1
+    def drop_people(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` people left out for ``reason`` (nothing when ``count`` is 0)."""
+        if count:
+            self.dropped_people[reason] = self.dropped_people.get(reason, 0) + int(count)
 
     def drop_image(self, reason: str) -> None:
         self.dropped_images[reason] = self.dropped_images.get(reason, 0) + 1
@@ -92,6 +95,8 @@ class ReadStats:
             if d:
                 parts.append(f"left out {sum(d.values())} {what} (" +
                              ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) + ")")
+        if self.empty_images:
+            parts.append(f"{self.empty_images} of the kept images have nobody (kept as background)")
         return "; ".join(parts)
 
 
