@@ -257,8 +257,9 @@ def build_hrnet(spec: HRNetSpec, input_shape: Tuple[Optional[int], Optional[int]
         name: model name; the SPM model finds its trunk under this name.
 
     Returns:
-        A model mapping a normalised image batch to the list of branch outputs, highest
-        resolution first: ``[x0]`` or ``[x0, x1, x2, x3]``.
+        A model mapping a normalised image batch to the branch outputs, highest resolution
+        first: ``[x0]`` or ``[x0, x1, x2, x3]`` (Keras hands a one-output model's result back as
+        a bare tensor; :func:`branch_outputs` always gives the list).
     """
     b = _Builder(sync_batchnorm)
     image = keras.Input(input_shape, name="image")
@@ -272,6 +273,12 @@ def build_hrnet(spec: HRNetSpec, input_shape: Tuple[Optional[int], Optional[int]
             last = s == len(spec.stages) and m == stage.num_modules - 1
             xs = b.hr_module(xs, stage, f"stage{s}.{m}", multi_scale_output or not last)
     return keras.Model(image, xs, name=name)
+
+
+def branch_outputs(trunk: keras.Model, x, **kwargs) -> List:
+    """Call ``trunk`` and return its branch outputs as a list, also when there is one."""
+    out = trunk(x, **kwargs)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 # ----------------------------------------------------------------------------- counting

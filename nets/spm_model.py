@@ -43,7 +43,8 @@ import os
 import keras
 
 from nets import weights as weights_lib
-from nets.hrnet import BN_EPSILON, BN_MOMENTUM, STEM_STRIDE, backbone_spec, build_hrnet
+from nets.hrnet import (BN_EPSILON, BN_MOMENTUM, STEM_STRIDE, backbone_spec, branch_outputs,
+                        build_hrnet)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # RGB, for images scaled to [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,7 +67,7 @@ def build_spm_model(cfg) -> keras.Model:
     x = keras.layers.Normalization(mean=[255.0 * m for m in IMAGENET_MEAN],
                                    variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
                                    name="normalize")(images)
-    features = trunk(x)
+    features = branch_outputs(trunk, x)
     head = _Head(mcfg.head_channels, mcfg.sync_batchnorm)
     x = head.merge_branches(features) if multi_scale else features[0]
     for i in range(mcfg.head_blocks):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import h5py
 import keras
@@ -221,7 +221,8 @@ def convert_checkpoint(input_path: str, output_path: str, spec: HRNetSpec, sourc
         raise ValueError(f"{output_path}: the output name must end in .weights.h5")
     state = read_state_dict(input_path)
     ignore = IGNORABLE_HEADS[source]
-    hint = ""
+    hint = (f"check that the checkpoint is an official {spec.name} "
+            f"({'multi' if multi_scale_output else 'single'}-scale trunk, source {source})")
     if not multi_scale_output:
         ignore = ignore + _last_module_lower_fuse_prefixes(spec)
     elif source == "pose":
