@@ -58,8 +58,8 @@ def _parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="where to write the AI Challenger predictions (json)")
     else:
         p.add_argument("--num", type=int, default=200, help="images to time (default 200)")
-        p.add_argument("--noise", type=float, default=0.05, help="std of the Gaussian noise on the root "
-                       "map (displacement noise is a tenth of it); default 0.05")
+        p.add_argument("--noise", type=float, default=0.05, help="std of the smooth noise on the root map "
+                       "(displacement noise is a tenth of it); default 0.05")
     return add_config_args(p)
 
 
@@ -170,16 +170,25 @@ def run_oracle(argv: Sequence[str]) -> Dict:
 
 def noisy_maps(target: Dict[str, np.ndarray], rng: np.random.Generator, noise: float,
                blobs: int = 4) -> Tuple[np.ndarray, np.ndarray]:
-    """Network-like maps from targets: Gaussian noise, spurious root blobs of random height."""
+    """Network-like maps from targets: smooth noise (white noise blurred over ~2 cells, like a
+    network's output, then scaled to std ``noise``; a tenth of it on the displacements) and
+    ``blobs`` spurious root bumps of random width and height up to 0.4."""
+    import cv2
+
+    def smooth_noise(shape, std):
+        n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), 2.0)
+        n = n.reshape(shape)
+        return n * (std / max(float(n.std()), 1e-12))
+
     root = target["root"][..., 0].copy()
     h, w = root.shape
     yy, xx = np.mgrid[0:h, 0:w]
     for _ in range(blobs):
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
         s = rng.uniform(1.5, 5.0)
-        root = np.maximum(root, rng.uniform(0.1, 0.6) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / s ** 2))
-    root = np.clip(root + rng.normal(0, noise, root.shape), 0, 1)
-    disp = target["disp"] + rng.normal(0, noise / 10, target["disp"].shape)
+        root = np.maximum(root, rng.uniform(0.05, 0.4) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / s ** 2))
+    root = root + smooth_noise(root.shape, noise)      # unclipped, as a linear head's output
+    disp = target["disp"] + smooth_noise(target["disp"].shape, noise / 10)
     return root[..., None].astype(np.float32), disp.astype(np.float32)
 
 
