@@ -359,9 +359,9 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg):
         if disp.shape[-1] is not None and disp.shape[-1] != 2 * J:
             raise ValueError(f"disp has {disp.shape[-1]} channels; skeleton {skeleton.name} "
                              f"expects {2 * J}")
-        if spr_cfg.z_norm == "diag":
+        if spr_cfg.z_norm == "diag":       # the map size may be a tensor: z_factor's formula in TF
             z = tf.sqrt(tf.cast(h * h + w * w, tf.float32))
-        else:
+        else:                              # size-independent; z_factor validates the name
             z = tf.constant(z_factor(1, 1, spr_cfg.z_norm), tf.float32)
         cells, scores, num_people = find_root_peaks(root, spr_cfg)
         batch, k = tf.shape(cells)[0], spr_cfg.max_people
