@@ -58,8 +58,8 @@ def decode_np(targets, cfg, batch=True):
     root, disp = targets["root"], targets["disp"]
     if batch:
         root, disp = root[None], disp[None]
-    poses, scores, num = spr.decode(tf.constant(root), tf.constant(disp), SK, cfg)
-    return poses.numpy(), scores.numpy(), num.numpy()
+    out = spr.decode(tf.constant(root), tf.constant(disp), SK, cfg)
+    return out.poses.numpy(), out.scores.numpy(), out.num_people.numpy()
 
 
 def match(decoded: np.ndarray, kps: np.ndarray) -> np.ndarray:
@@ -125,6 +125,21 @@ def test_exact_round_trip_sub_pixel(root_type, anchor, gather):
     assert num[0] == 3 and np.all(scores[0, :3] == 1.0) and np.all(scores[0, 3:] == 0)
     np.testing.assert_allclose(match(poses[0, :3], kps), kps[..., :2], atol=2e-3)
     assert not poses[0, 3:].any()
+
+
+def test_decoder_returns_the_root_cells():
+    """Decoded roots are the centres of the people's root cells, in network-input pixels."""
+    cfg = small_cfg(root_type="bbox_center")
+    kps = np.stack([person({NECK: (21.0, 17.0), HEAD: (23.0, 9.0)}),
+                    person({NECK: (45.0, 41.0), HEAD: (41.0, 33.0)})])
+    boxes = np.array([[10.0, 6.0, 30.0, 30.0], [36.0, 30.0, 57.0, 51.0]])
+    t = spr.encode(kps, boxes, SK, cfg, (64, 64))
+    out = spr.decode(tf.constant(t["root"][None]), tf.constant(t["disp"][None]), SK, cfg)
+    assert int(out.num_people[0]) == 2
+    # box centres (20, 18) and (46.5, 40.5) -> output cells (5, 4) and (11, 10) -> centres * 4
+    got = sorted(map(tuple, out.roots.numpy()[0, :2].tolist()))
+    assert got == [(22.0, 18.0), (46.0, 42.0)]
+    assert np.all(out.roots.numpy()[0, 2:] == 0)
 
 
 def test_people_at_image_borders():
@@ -283,7 +298,7 @@ def test_flipped_people_give_flipped_targets(anchor):
     np.testing.assert_allclose(disp_tf.numpy()[0], disp, atol=1e-7)
     np.testing.assert_array_equal(root_tf.numpy()[0], root)
     # decoding flipped maps gives the mirrored people
-    poses, _, num = spr.decode(root_tf, disp_tf, SK, cfg)
+    poses, _, num, _ = spr.decode(root_tf, disp_tf, SK, cfg)
     assert int(num[0]) == 2
     fk, _ = flip_people(kps, boxes, 128.0)
     got = match(poses.numpy()[0, :2], fk)
@@ -340,7 +355,7 @@ def test_round_trip_on_real_ai_challenger_people():
             boxes = to_network(rec.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4)
             batch.append(spr.encode(kps, boxes, SK, cfg, (512, 512)))
             people.append(kps)
-        poses, _, num = decode(np.stack([t["root"] for t in batch]), np.stack([t["disp"] for t in batch]))
+        poses, _, num, _ = decode(np.stack([t["root"] for t in batch]), np.stack([t["disp"] for t in batch]))
         poses, num = poses.numpy(), num.numpy()
         for b, kps in enumerate(people):
             for kp in kps:

@@ -42,7 +42,7 @@ def render_sample(sample, cfg, decoder, scale: int = 1) -> np.ndarray:
 
     sk, t = cfg.skeleton, sample.targets
     root_t, disp_t = tf.constant(t["root"][None]), tf.constant(t["disp"][None])
-    poses, scores, num = (x.numpy()[0] for x in decoder(root_t, disp_t))
+    poses, scores, num, _ = (x.numpy()[0] for x in decoder(root_t, disp_t))
     cells, _, _ = spr.find_root_peaks(root_t, cfg.spr)
     n = int(num)
     poses, scores = poses[:n], scores[:n]

@@ -14,6 +14,7 @@ inside a TensorFlow graph (exported models); a test checks that they agree.
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 import numpy as np
 
@@ -52,21 +53,34 @@ def letterbox_params(src_h: int, src_w: int, dst_h: int, dst_w: int) -> Letterbo
                      (dst_h - new_h) // 2, (dst_w - new_w) // 2)
 
 
-def to_network(points: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """Original-image points [..., 2] (x, y) -> network-input points."""
+def _params(lb) -> Tuple[float, float, float, float]:
+    """sx, sy, pad_x, pad_y of a Letterbox or of its ``as_array()`` form."""
+    if isinstance(lb, Letterbox):
+        return lb.scale_x, lb.scale_y, float(lb.pad_x), float(lb.pad_y)
+    sx, sy, px, py = (float(v) for v in np.asarray(lb).reshape(4))
+    return sx, sy, px, py
+
+
+def to_network(points: np.ndarray, lb) -> np.ndarray:
+    """Original-image points [..., 2] (x, y) -> network-input points.
+
+    ``lb`` is a :class:`Letterbox` or its ``as_array()`` form (sx, sy, pad_x, pad_y).
+    """
+    sx, sy, px, py = _params(lb)
     points = np.asarray(points, np.float64)
     out = np.empty_like(points)
-    out[..., 0] = points[..., 0] * lb.scale_x + lb.pad_x
-    out[..., 1] = points[..., 1] * lb.scale_y + lb.pad_y
+    out[..., 0] = points[..., 0] * sx + px
+    out[..., 1] = points[..., 1] * sy + py
     return out
 
 
-def to_original(points: np.ndarray, lb: Letterbox) -> np.ndarray:
+def to_original(points: np.ndarray, lb) -> np.ndarray:
     """Network-input points [..., 2] (x, y) -> original-image points (the inverse)."""
+    sx, sy, px, py = _params(lb)
     points = np.asarray(points, np.float64)
     out = np.empty_like(points)
-    out[..., 0] = (points[..., 0] - lb.pad_x) / lb.scale_x
-    out[..., 1] = (points[..., 1] - lb.pad_y) / lb.scale_y
+    out[..., 0] = (points[..., 0] - px) / sx
+    out[..., 1] = (points[..., 1] - py) / sy
     return out
 
 

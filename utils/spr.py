@@ -61,7 +61,7 @@ Conventions (both directions)
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -338,7 +338,16 @@ def _sample(maps_flat, h, w, points, gather: str):
     return top * (1.0 - fy) + bottom * fy, tf.stack([x, y], axis=-1)
 
 
-def decode(root, disp, skeleton: Skeleton, spr_cfg):
+class Decoded(NamedTuple):
+    """What :func:`decode` returns; K = ``max_people``. The first ``num_people[b]`` slots of
+    image ``b`` are the people found, by decreasing score; the other slots are zeros."""
+    poses: Any        # float32 [B, K, J, 2], network-input pixels
+    scores: Any       # float32 [B, K], root peak values
+    num_people: Any   # int32 [B]
+    roots: Any        # float32 [B, K, 2], root cell centres, network-input pixels
+
+
+def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
     """Decode batched SPM maps into poses, in the graph (fixed shapes, no data-dependent Python).
 
     Args:
@@ -346,9 +355,7 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg):
         disp: float [B, h, w, 2J] displacement maps (channel 2j = x, 2j+1 = y of joint j).
         skeleton, spr_cfg: as for :func:`encode` (anchor, gather, Z, NMS, threshold, max_people).
     Returns:
-        poses float32 [B, K, J, 2] in network-input pixels, scores float32 [B, K] (root peak
-        values), num_people int32 [B]; the first ``num_people[b]`` slots are the people found,
-        by decreasing score, the rest are zeros.
+        :class:`Decoded` (poses, scores, num_people, roots).
     """
     import tensorflow as tf
 
@@ -382,10 +389,12 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg):
             found = tf.reshape(at, [batch, k, n, 2]) + z * offsets
             for i, j in enumerate(stage):
                 positions[j] = found[:, :, i]
-        poses = tf.stack(positions, axis=2) * float(spr_cfg.output_stride)
-        valid = tf.sequence_mask(num_people, k)[:, :, None, None]
-        poses = tf.where(valid, poses, 0.0)
-        return poses, scores, num_people
+        stride = float(spr_cfg.output_stride)
+        poses = tf.stack(positions, axis=2) * stride
+        valid = tf.sequence_mask(num_people, k)
+        poses = tf.where(valid[:, :, None, None], poses, 0.0)
+        roots = tf.where(valid[:, :, None], root_pos * stride, 0.0)
+        return Decoded(poses, scores, num_people, roots)
 
 
 def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = None,

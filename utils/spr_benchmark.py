@@ -110,8 +110,8 @@ def _timed_decode(decoder, root: np.ndarray, disp: np.ndarray):
 
     root, disp = tf.constant(root[None]), tf.constant(disp[None])
     t = time.perf_counter()
-    poses, scores, num = decoder(root, disp)
-    poses, scores, num = poses.numpy()[0], scores.numpy()[0], int(num.numpy()[0])
+    out = decoder(root, disp)
+    poses, scores, num = out.poses.numpy()[0], out.scores.numpy()[0], int(out.num_people.numpy()[0])
     return poses, scores, num, time.perf_counter() - t
 
 

@@ -1,0 +1,100 @@
+"""Predict poses for an annotated image set and score them with the official metric.
+
+    python3 tools/model_val.py --ckpt runs/tiny_synthetic --json val.json --images val_images/
+    python3 tools/model_val.py --ckpt RUN --json person_keypoints_val2017.json --images val2017/ --format coco
+
+``--ckpt`` is a run directory (its config.json rebuilds the model) or a ``.weights.h5`` file with
+a config.json beside it. AI Challenger json in: AI Challenger predictions out, and the official
+AI Challenger score when the annotations hold keypoints. COCO json in: COCO results out, and the
+pycocotools COCOeval AP table. ``--flip`` averages the maps of the image and of its mirror.
+The last line is one JSON object.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def detect_format(data) -> str:
+    if isinstance(data, list):
+        return "aic"
+    if isinstance(data, dict) and "images" in data:
+        return "coco"
+    raise ValueError("the annotation file is neither AI Challenger (a list) nor COCO (an object with 'images')")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="run directory or .weights.h5 (config.json beside it)")
+    parser.add_argument("--json", required=True, help="annotation file (AI Challenger or COCO)")
+    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--format", choices=("aic", "coco"), default=None, help="default: from the json")
+    parser.add_argument("--out", default=None, help="where to write the predictions json")
+    parser.add_argument("--flip", action="store_true", help="flip testing")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--config", default=None, help="config.json to build the model from (default: the run's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from dataset.errors import AnnotationError, load_json
+
+    try:
+        data = load_json(args.json)
+        fmt = args.format or detect_format(data)
+        if not os.path.isdir(args.images):
+            raise FileNotFoundError(f"{args.images}: no such image folder")
+        if fmt == "aic":
+            from dataset.ai_challenger import ai_challenger_records
+
+            records, stats = ai_challenger_records(data, args.json, args.images)
+        else:
+            from dataset.coco import coco_records
+
+            records, stats = coco_records(data, args.json, args.images)
+        if not records:
+            raise ValueError(f"{args.json}: no images to predict")
+
+        from utils import inference
+
+        model, cfg = inference.load_trained_model(args.ckpt, args.config,
+                                                  expect_skeleton="ai_challenger" if fmt == "aic" else "coco")
+        cfg = cfg.replace(dataset="ai_challenger" if fmt == "aic" else "coco")
+        predictor = inference.Predictor(model, cfg, flip=args.flip)
+        start = time.time()
+        predictions, pipeline = inference.predict_records(predictor, records, args.batch_size, progress=True)
+        seconds = time.time() - start
+    except (AnnotationError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if pipeline.skipped.count:
+        print(f"warning: {pipeline.skipped.summary()}", file=sys.stderr)
+    out_records = inference.aic_predictions(predictions) if fmt == "aic" else inference.coco_predictions(predictions)
+    out = args.out or os.path.join(os.getcwd(), f"predictions_{fmt}.json")
+    with open(out, "w") as f:
+        json.dump(out_records, f)
+    result = {"predictions": os.path.abspath(out), "images": len(records),
+              "predicted_images": len(predictions), "skipped_images": pipeline.skipped.count,
+              "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2), "flip": args.flip}
+    print(f"{len(predictions)} images in {seconds:.1f} s ({result['images_per_s']} images/s); "
+          f"predictions written to {out}")
+    if sum(r.num_people for r in records):
+        ids = [r.image_id for r in records]
+        if fmt == "aic":
+            scored = inference.score_aic(args.json, predictions, ids)
+            print(f"AI Challenger score: {scored['score']:.8f}")
+        else:
+            scored = inference.score_coco(args.json, predictions, ids, verbose=True)
+        result.update(scored)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

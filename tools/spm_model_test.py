@@ -1,0 +1,146 @@
+"""Run a trained SPM model on your own pictures or a video and draw the skeletons.
+
+    python3 tools/spm_model_test.py --ckpt runs/tiny_synthetic --imgs photo.jpg --output out/
+    python3 tools/spm_model_test.py --ckpt RUN --imgs folder/ --output out/ --score 0.3
+    python3 tools/spm_model_test.py --ckpt RUN --video clip.mp4 --output out/     # writes out/clip.mp4
+
+Each person is drawn in the skeleton's colours with a marker at its root and the root score.
+Headless by default; ``--show`` also opens a window where a display exists. Flags of the earlier
+implementation: ``--score`` (root threshold), ``--dist`` (root NMS radius in output-map cells:
+window 2 * dist + 1), ``--netH``/``--netW`` (network input size; the weights are resolution-free).
+Prints the latency per frame.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(path: str):
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such image file or folder")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"{path}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--imgs", help="an image file or a folder of images")
+    src.add_argument("--video", help="a video file")
+    parser.add_argument("--ckpt", required=True, help="run directory or .weights.h5 (config.json beside it)")
+    parser.add_argument("--output", required=True, help="folder for the drawn images or the .mp4")
+    parser.add_argument("--score", type=float, default=None, help="root score threshold (default: config)")
+    parser.add_argument("--dist", type=int, default=None, help="root NMS radius in output-map cells")
+    parser.add_argument("--netH", type=int, default=None, help="network input height (multiple of 32)")
+    parser.add_argument("--netW", type=int, default=None, help="network input width (multiple of 32)")
+    parser.add_argument("--flip", action="store_true", help="flip testing")
+    parser.add_argument("--show", action="store_true", help="also show a window (needs a display)")
+    parser.add_argument("--config", default=None, help="config.json to build the model from")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import cv2
+    import numpy as np
+
+    try:
+        files = list_images(args.imgs) if args.imgs else None
+        if args.video and not os.path.isfile(args.video):
+            raise FileNotFoundError(f"{args.video}: no such video file")
+        from utils import inference
+
+        overrides = {}
+        if args.score is not None:
+            overrides["score_threshold"] = args.score
+        if args.dist is not None:
+            overrides["nms_window"] = 2 * args.dist + 1
+        if args.netH:
+            overrides["input_height"] = args.netH
+        if args.netW:
+            overrides["input_width"] = args.netW
+        model, cfg = inference.load_trained_model(args.ckpt, args.config, overrides=overrides)
+        predictor = inference.Predictor(model, cfg, flip=args.flip)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.output, exist_ok=True)
+    show = args.show and bool(os.environ.get("DISPLAY"))
+    if args.show and not show:
+        print("warning: --show needs a display (DISPLAY is not set); writing files only", file=sys.stderr)
+
+    def process(rgb):
+        start = time.perf_counter()
+        prediction, = inference.predict_images(predictor, [rgb])
+        ms = (time.perf_counter() - start) * 1000
+        drawn = inference.draw_prediction(prediction, cfg, rgb)
+        return drawn, len(prediction.poses), ms
+
+    latencies = []
+    if files is not None:
+        written = 0
+        for path in files:
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            if bgr is None or bgr.size == 0:
+                print(f"warning: {path}: unreadable image, skipped", file=sys.stderr)
+                continue
+            drawn, n, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            latencies.append(ms)
+            out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_spm.png")
+            cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            written += 1
+            print(f"{path}: {n} people, {ms:.1f} ms -> {out}")
+            if show:
+                cv2.imshow("spm", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                if cv2.waitKey(0) & 0xFF == ord("q"):
+                    break
+        if not written:
+            print(f"error: no readable image in {args.imgs}", file=sys.stderr)
+            return 2
+    else:
+        cap = cv2.VideoCapture(args.video)
+        if not cap.isOpened():
+            print(f"error: {args.video}: cannot open the video", file=sys.stderr)
+            return 2
+        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(args.video))[0] + ".mp4")
+        writer = None
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            drawn, n, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            latencies.append(ms)
+            if writer is None:
+                writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                         (drawn.shape[1], drawn.shape[0]))
+            writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+            print(f"frame {len(latencies)}: {n} people, {ms:.1f} ms")
+            if show:
+                cv2.imshow("spm", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    break
+        cap.release()
+        if writer is None:
+            print(f"error: {args.video}: no frame could be read", file=sys.stderr)
+            return 2
+        writer.release()
+        print(f"video written to {out}")
+    steady = latencies[1:] or latencies
+    print(f"latency per frame: first {latencies[0]:.1f} ms (tracing), then median "
+          f"{float(np.median(steady)):.1f} ms over {len(steady)} frames")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
