@@ -41,7 +41,7 @@ class DataConfig:
     input_height: int = 512           # network input, letterboxed
     input_width: int = 512
     batch_size: int = 8               # per replica; global batch = batch_size x replicas
-    shuffle_buffer: int = 1024
+    shuffle_buffer: int = 0           # records shuffled per epoch (by index, cheap); 0 = all of them
     num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
     deterministic: bool = False       # deterministic order and augmentation (uses seed)
     seed: int = 0

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--workers", type=int, default=0,
-                        help="rendering processes; 0 = one per core (the output does not depend on it)")
+                        help="rendering threads; 0 = one per core (the output does not depend on it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from dataset.synthetic import generate_synthetic_dataset

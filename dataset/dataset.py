@@ -1,0 +1,451 @@
+"""The tf.data input pipeline: records -> decoded, letterboxed, augmented images and SPR targets.
+
+Public API
+----------
+``InputPipeline(cfg, mode)`` holds the records of one split (``mode`` ``"train"`` or ``"val"``),
+the skip counter and builds the datasets:
+
+* ``pipeline.dataset(batch_size=None, input_context=None, repeat=False)`` -> batches of
+  ``(images, targets)``: ``images`` float32 RGB 0..255 ``[B, H, W, 3]``; ``targets`` the SPR
+  dict of ``utils/spr.py`` batched: ``root``, ``root_weight`` ``[B, h, w, 1]``, ``disp``,
+  ``disp_weight`` ``[B, h, w, 2J]``. Training shuffles the records anew every epoch, augments
+  and drops the last partial batch; validation does neither.
+* ``pipeline.eval_dataset(batch_size=None)`` -> batches of ``(images, info)`` for evaluation:
+  ``info["index"]`` int64 ``[B]`` (index into ``pipeline.records``), ``info["letterbox"]``
+  float32 ``[B, 4]`` = ``sx, sy, pad_x, pad_y`` (the form of ``Letterbox.as_array`` and
+  ``letterbox_tf``) and ``info["image_hw"]`` int32 ``[B, 2]``, the decoded image size. A
+  network-input point maps back to the original image as ``x = (x' - pad_x) / sx``,
+  ``y = (y' - pad_y) / sy``; or rebuild the ``Letterbox`` with
+  ``letterbox_params(h, w, H, W)`` and use ``utils.spr.poses_to_original``.
+* ``pipeline.sample(index, seed)`` -> :class:`Sample`: the same work for one record in plain
+  Python (what the dataset maps over; used by tests and for looking at the data).
+* ``load_records(cfg, split)`` and ``split_paths(cfg, split)`` give the records and the
+  ``(annotation file, image folder)`` of a split (the scorer's reference file).
+* ``pipeline.skipped``: :class:`SkipCounter` of images that could not be used (missing file,
+  unreadable, corrupt JPEG, size differing from the annotation). A bad image is skipped with a
+  warning (once per file) and counted; it never ends an epoch. Read ``skipped.count`` /
+  ``skipped.summary()`` from the training loop.
+
+``get_dataset(cfg, mode, ...)`` and ``get_eval_dataset(cfg, ...)`` are shortcuts building the
+pipeline and returning ``(dataset, pipeline)``.
+
+Batch size and distribution strategies
+--------------------------------------
+``batch_size`` is the size of the batches *this* dataset yields; it defaults to
+``cfg.data.batch_size``, the per-replica batch. So:
+
+* one device: ``pipeline.dataset()``;
+* ``strategy.experimental_distribute_dataset(ds)`` splits every batch among the replicas: build
+  ``ds`` with ``batch_size=cfg.data.batch_size * strategy.num_replicas_in_sync`` (the global
+  batch). Under several workers the dataset is then auto-sharded by elements (``DATA``), which
+  needs the same order on every worker: set ``--deterministic``;
+* ``strategy.distribute_datasets_from_function(lambda ctx: pipeline.dataset(input_context=ctx))``
+  (the better choice for several workers): each input pipeline takes its shard of the records
+  (``ctx.input_pipeline_id``) before any decoding, and the default per-replica batch is right.
+
+Parallelism and determinism
+---------------------------
+Everything per image (file read, ``cv2.imdecode``, letterbox, imgaug, SPR encoding) runs in one
+``tf.numpy_function`` mapped with ``num_parallel_calls``; OpenCV and NumPy release the GIL in
+their heavy parts, so the calls run side by side (``tools/benchmark.py pipeline`` measures
+it). Images leave the function as uint8 and are cast to float32 per batch in the graph. Every
+training element carries its own augmentation seed from ``tf.data.Dataset.random``, which
+draws new seeds every epoch: with ``cfg.data.deterministic`` the record order (shuffle seed),
+the seeds and the output order are all fixed by ``cfg.data.seed``, whatever the thread timing.
+
+Datasets (``cfg.data.dataset``): ``synthetic`` (generated on first use,
+``dataset/synthetic.py``), ``ai_challenger`` and ``coco`` (``train_json``/``train_images``,
+``val_json``/``val_images``). COCO crowds and people without a labelled keypoint are
+``ignore_regions`` of the record (no root peak); with ``cfg.data.ignore_crowd`` their pixels
+are rasterised (``pycocotools.mask``), letterboxed and augmented with the image, and
+``root_weight`` is zeroed on those output cells, except where a labelled person's root
+Gaussian is (their supervision is never dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from config.skeletons import Skeleton
+from dataset.records import ImageRecord, ReadStats
+from utils.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "val")
+TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
+
+
+# ----------------------------------------------------------------------------- records
+
+def split_paths(cfg, split: str) -> Tuple[str, str]:
+    """``(annotation file, image folder)`` of ``split`` (``train`` or ``val``).
+
+    The annotation file is in the format of the configured data set (AI Challenger json for
+    ``ai_challenger`` and ``synthetic``, COCO json for ``coco``): the reference its official
+    scorer reads. The synthetic set is generated on first use.
+    """
+    d = cfg.data
+    if split not in MODES:
+        raise ValueError(f"split must be one of {MODES}, got {split!r}")
+    if d.dataset == "synthetic":
+        from dataset.synthetic import ensure_synthetic_dataset
+
+        paths = ensure_synthetic_dataset(cfg)
+        return getattr(paths, f"{split}_json"), getattr(paths, f"{split}_images")
+    json_path, image_dir = getattr(d, f"{split}_json"), getattr(d, f"{split}_images")
+    for field, value in ((f"{split}_json", json_path), (f"{split}_images", image_dir)):
+        if not value:
+            raise ValueError(f"config field {field!r} is empty: dataset {d.dataset!r} needs the "
+                             f"annotation file and the image folder of the {split} split")
+    return json_path, image_dir
+
+
+def load_records(cfg, split: str) -> Tuple[List[ImageRecord], ReadStats]:
+    """Records of ``split`` (``train`` or ``val``, at most ``max_val_images`` for ``val``)."""
+    json_path, image_dir = split_paths(cfg, split)
+    if cfg.data.dataset == "coco":
+        from dataset.coco import read_coco
+
+        records, stats = read_coco(json_path, image_dir, cfg.skeleton)
+    else:
+        from dataset.ai_challenger import read_ai_challenger
+
+        records, stats = read_ai_challenger(json_path, image_dir, cfg.skeleton)
+    if split == "val" and cfg.data.max_val_images > 0:
+        records = records[:cfg.data.max_val_images]
+    return records, stats
+
+
+# ----------------------------------------------------------------------------- skipped images
+
+class ImageError(Exception):
+    """An image file that cannot be used; ``reason`` is the short counter key."""
+
+    def __init__(self, path: str, reason: str, detail: str = ""):
+        super().__init__(f"{path}: {reason}{': ' + detail if detail else ''}")
+        self.path, self.reason = path, reason
+
+
+class SkipCounter:
+    """Images the pipeline skipped, by reason; updated from tf.data's threads.
+
+    ``count`` counts skips (a bad file is skipped again every epoch); ``files`` the distinct bad
+    files. Each bad file is logged once as a warning.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.by_reason: Dict[str, int] = {}
+        self.files: Dict[str, str] = {}
+
+    def add(self, error: ImageError) -> None:
+        with self._lock:
+            self.by_reason[error.reason] = self.by_reason.get(error.reason, 0) + 1
+            first = error.path not in self.files
+            self.files[error.path] = error.reason
+        if first:
+            log.warning("skipping image %s", error)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(self.by_reason.values())
+
+    def summary(self) -> str:
+        with self._lock:
+            if not self.by_reason:
+                return "no image skipped"
+            return (f"skipped {sum(self.by_reason.values())} images ({len(self.files)} files): " +
+                    ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items())))
+
+
+def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], Optional[int]]] = None
+               ) -> np.ndarray:
+    """uint8 BGR ``[h, w, 3]`` of an image file; ImageError when it cannot be used."""
+    if not path:
+        raise ImageError(str(path), "no image path")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(path, "missing file") from None
+    except OSError as e:
+        raise ImageError(path, "unreadable file", e.strerror or str(e)) from None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise ImageError(path, "corrupt image", "OpenCV cannot decode it")
+    if expected_hw is not None and None not in expected_hw and tuple(image.shape[:2]) != tuple(expected_hw):
+        raise ImageError(path, "size differs from the annotation",
+                         f"{image.shape[1]}x{image.shape[0]} on disk, "
+                         f"{expected_hw[1]}x{expected_hw[0]} annotated")
+    return image
+
+
+def ignore_mask(regions: Sequence[Any], height: int, width: int) -> np.ndarray:
+    """bool ``[height, width]``: union of COCO segmentations (polygons, RLE or compressed RLE)."""
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((height, width), bool)
+    for seg in regions:
+        if isinstance(seg, list):                              # polygons
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):   # uncompressed RLE
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:                                                   # compressed RLE
+            rle = seg
+        mask |= mask_utils.decode(rle).astype(bool)
+    return mask
+
+
+# ----------------------------------------------------------------------------- one sample
+
+@dataclasses.dataclass
+class Sample:
+    """One prepared sample (network-input coordinates throughout).
+
+    Attributes:
+        image: uint8 RGB ``[H, W, 3]``.
+        keypoints: float32 ``[N, J, 3]`` after letterbox and augmentation (joints pushed out of
+            the input are unlabelled).
+        boxes: float32 ``[N, 4]``.
+        targets: the SPR target dict of ``utils.spr.encode``.
+        letterbox: the letterbox of the original image.
+        flipped: whether augmentation mirrored the sample.
+    """
+    image: np.ndarray
+    keypoints: np.ndarray
+    boxes: np.ndarray
+    targets: Dict[str, np.ndarray]
+    letterbox: Letterbox
+    flipped: bool
+
+
+class InputPipeline:
+    """Records of one split and the tf.data pipelines over them (see the module docstring).
+
+    Args:
+        cfg: the resolved config.
+        mode: ``"train"`` (shuffled, augmented when ``cfg.augment.augment``) or ``"val"``.
+        records: use these records instead of reading the configured split.
+    """
+
+    def __init__(self, cfg, mode: str, records: Optional[Sequence[ImageRecord]] = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode = cfg, mode
+        self.read_stats: Optional[ReadStats] = None
+        if records is None:
+            records, self.read_stats = load_records(cfg, mode)
+        self.records: List[ImageRecord] = list(records)
+        if not self.records:
+            raise ValueError(f"the {mode} split of dataset {cfg.data.dataset!r} has no images")
+        self.skeleton: Skeleton = cfg.skeleton
+        self.input_hw = (cfg.data.input_height, cfg.data.input_width)
+        self.output_hw = cfg.output_shape
+        self.skipped = SkipCounter()
+        self.augmenter = None
+        if mode == "train" and cfg.augment.augment:
+            from dataset.augment import Augmenter
+
+            self.augmenter = Augmenter(cfg.augment, self.skeleton)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ------------------------------------------------------------------ Python side
+
+    def _load(self, index: int) -> Tuple[np.ndarray, Letterbox, ImageRecord]:
+        """Letterboxed uint8 RGB image of record ``index`` (ImageError when unusable)."""
+        record = self.records[index]
+        bgr = read_image(record.image_path, (record.height, record.width))
+        lb = letterbox_params(bgr.shape[0], bgr.shape[1], *self.input_hw)
+        image = cv2.cvtColor(letterbox_image(bgr, lb), cv2.COLOR_BGR2RGB)
+        return image, lb, record
+
+    def sample(self, index: int, seed: int = 0) -> Sample:
+        """Prepare record ``index`` with augmentation ``seed``; ImageError when unusable."""
+        from utils.spr import encode
+
+        image, lb, record = self._load(index)
+        keypoints = record.keypoints.copy()
+        keypoints[..., :2] = to_network(keypoints[..., :2], lb)
+        boxes = to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4).astype(np.float32)
+        mask = None
+        if self.cfg.data.ignore_crowd and record.ignore_regions:
+            full = ignore_mask(record.ignore_regions, lb.src_h, lb.src_w).astype(np.uint8) * 255
+            mask = letterbox_image(full, lb) >= 128
+        flipped = False
+        if self.augmenter is not None:
+            out = self.augmenter(image, keypoints, boxes, int(seed), mask)
+            image, keypoints, boxes, mask, flipped = out.image, out.keypoints, out.boxes, out.mask, out.flipped
+        targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
+        if mask is not None:
+            h, w = self.output_hw
+            cells = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+            targets["root_weight"][cells[..., None] & (targets["root"] <= 0)] = 0.0
+        return Sample(image, keypoints, boxes, targets, lb, flipped)
+
+    def _train_element(self, index, seed):
+        """numpy_function body: (image, root, root_weight, disp, disp_weight, ok)."""
+        try:
+            s = self.sample(int(index), int(seed))
+        except ImageError as e:
+            self.skipped.add(e)
+            return (np.zeros((*self.input_hw, 3), np.uint8),
+                    *(np.zeros(shape, np.float32) for shape in self._target_shapes()), False)
+        return (s.image, *(s.targets[k] for k in TARGET_KEYS), True)
+
+    def _eval_element(self, index):
+        """numpy_function body: (image, letterbox [4], image_hw [2], ok)."""
+        try:
+            image, lb, _ = self._load(int(index))
+        except ImageError as e:
+            self.skipped.add(e)
+            return (np.zeros((*self.input_hw, 3), np.uint8), np.zeros(4, np.float32),
+                    np.zeros(2, np.int32), False)
+        return image, lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True
+
+    def _target_shapes(self):
+        h, w = self.output_hw
+        c = 2 * self.skeleton.num_joints
+        return [(h, w, 1), (h, w, 1), (h, w, c), (h, w, c)]
+
+    # ------------------------------------------------------------------ tf.data
+
+    def element_indices_and_seeds(self, input_context=None, repeat: bool = False):
+        """The ``(record index, augmentation seed)`` stream that :meth:`dataset` maps over."""
+        import tensorflow as tf
+
+        d = self.cfg.data
+        seed = d.seed if d.deterministic else None
+        indices = tf.data.Dataset.range(len(self.records))
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            indices = indices.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        if self.mode == "train":
+            n = len(self.records)
+            buffer = n if d.shuffle_buffer <= 0 else min(n, d.shuffle_buffer)
+            indices = indices.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            indices = indices.repeat()
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        return tf.data.Dataset.zip((indices, seeds))
+
+    def dataset(self, batch_size: Optional[int] = None, input_context=None, repeat: bool = False):
+        """Batches of ``(images, targets)``; see the module docstring for ``batch_size``.
+
+        Args:
+            batch_size: size of the yielded batches; None = ``cfg.data.batch_size``.
+            input_context: a ``tf.distribute.InputContext`` (``distribute_datasets_from_function``):
+                this pipeline takes its shard of the records.
+            repeat: repeat forever (new order and augmentation every pass); otherwise one pass
+                per iteration of the dataset.
+        """
+        import tensorflow as tf
+
+        train = self.mode == "train"
+        batch_size = int(batch_size or self.cfg.data.batch_size)
+        h, w = self.input_hw
+        shapes = [(h, w, 3), *self._target_shapes()]
+
+        def prepare(index, seed):
+            out = tf.numpy_function(self._train_element, [index, seed],
+                                    [tf.uint8] + [tf.float32] * 4 + [tf.bool], name="prepare_sample")
+            for t, shape in zip(out, shapes):
+                t.set_shape(shape)
+            out[-1].set_shape(())
+            return out[0], dict(zip(TARGET_KEYS, out[1:5])), out[5]
+
+        ds = self.element_indices_and_seeds(input_context, repeat)
+        ds = ds.map(prepare, **self._map_kwargs())
+        ds = ds.filter(_is_ok).map(_drop_ok)
+        ds = ds.batch(batch_size, drop_remainder=train)
+        ds = ds.map(_images_to_float)
+        return self._finish(ds, input_context)
+
+    def eval_dataset(self, batch_size: Optional[int] = None):
+        """Batches of ``(images, info)`` in record order, for evaluation (module docstring)."""
+        import tensorflow as tf
+
+        batch_size = int(batch_size or self.cfg.data.batch_size)
+        h, w = self.input_hw
+
+        def prepare(index):
+            image, lb, hw, ok = tf.numpy_function(self._eval_element, [index],
+                                                  [tf.uint8, tf.float32, tf.int32, tf.bool],
+                                                  name="prepare_eval_image")
+            image.set_shape((h, w, 3))
+            lb.set_shape((4,))
+            hw.set_shape((2,))
+            ok.set_shape(())
+            return image, {"index": index, "letterbox": lb, "image_hw": hw}, ok
+
+        ds = tf.data.Dataset.range(len(self.records))
+        ds = ds.map(prepare, num_parallel_calls=self._parallel(), deterministic=True)
+        ds = ds.filter(_is_ok).map(_drop_ok)
+        ds = ds.batch(batch_size)
+        ds = ds.map(_images_to_float)
+        return self._finish(ds, None)
+
+    def _parallel(self) -> int:
+        import tensorflow as tf
+
+        n = self.cfg.data.num_parallel_calls
+        return tf.data.AUTOTUNE if n < 0 else max(1, n)
+
+    def _map_kwargs(self) -> Dict[str, Any]:
+        return {"num_parallel_calls": self._parallel(), "deterministic": bool(self.cfg.data.deterministic)}
+
+    def _finish(self, ds, input_context):
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.deterministic = bool(self.cfg.data.deterministic) or self.mode != "train"
+        # Sharding is done on the record indices (input_context) or by elements (several workers
+        # under experimental_distribute_dataset); there are no files to shard.
+        policy = tf.data.experimental.AutoShardPolicy
+        options.experimental_distribute.auto_shard_policy = (
+            policy.OFF if input_context is not None else policy.DATA)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _is_ok(image, labels, ok):
+    return ok
+
+
+def _drop_ok(image, labels, ok):
+    return image, labels
+
+
+def _images_to_float(images, labels):
+    import tensorflow as tf
+
+    return tf.cast(images, tf.float32), labels
+
+
+# ----------------------------------------------------------------------------- shortcuts
+
+def get_dataset(cfg, mode: str, batch_size: Optional[int] = None, input_context=None,
+                repeat: bool = False, records: Optional[Sequence[ImageRecord]] = None):
+    """``(dataset, pipeline)``: :meth:`InputPipeline.dataset` of a new pipeline over ``mode``.
+
+    ``len(pipeline)`` is the number of records; ``pipeline.skipped`` counts skipped images.
+    """
+    pipeline = InputPipeline(cfg, mode, records)
+    return pipeline.dataset(batch_size, input_context, repeat), pipeline
+
+
+def get_eval_dataset(cfg, batch_size: Optional[int] = None,
+                     records: Optional[Sequence[ImageRecord]] = None):
+    """``(dataset, pipeline)`` of the validation split for evaluation (:meth:`InputPipeline.eval_dataset`).
+
+    ``pipeline.records[index]`` is the record of each yielded ``info["index"]``.
+    """
+    pipeline = InputPipeline(cfg, "val", records)
+    return pipeline.eval_dataset(batch_size), pipeline
