@@ -1,0 +1,180 @@
+"""The tf.data pipeline: what comes out decodes to the augmented people, bad images are skipped
+and counted, evaluation batches carry their letterbox, determinism, sharding, ignore regions."""
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from config import get_preset
+from dataset import synthetic
+from dataset.ai_challenger import read_ai_challenger
+from dataset.dataset import InputPipeline, load_records
+from dataset.records import VIS_UNLABELLED
+from utils.letterbox import letterbox_image, letterbox_params, to_network
+from utils.spr import decode
+
+SIZE = 128      # network input; output maps 32 x 32
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    paths = synthetic.generate_synthetic_dataset(str(root), 8, 2, seed=4, workers=1)
+    recs, _ = read_ai_challenger(paths.train_json, paths.train_images)
+    return recs
+
+
+def _cfg(**overrides):
+    base = dict(input_height=SIZE, input_width=SIZE, batch_size=2, deterministic=True, seed=1)
+    return get_preset("tiny_synthetic").replace(**{**base, **overrides})
+
+
+def _decoded_error(targets, keypoints, cfg):
+    """Largest distance (px) between each labelled joint and its person's decoded joint."""
+    poses, _, num, _ = decode(tf.constant(targets["root"][None]), tf.constant(targets["disp"][None]),
+                              cfg.skeleton, cfg.spr)
+    poses = poses.numpy()[0, :int(num[0])]
+    labelled = keypoints[..., 2] > VIS_UNLABELLED
+    worst = 0.0
+    for kp, lab in zip(keypoints, labelled):
+        if not lab.any():
+            continue
+        best = min(np.abs(p[lab] - kp[lab, :2]).max() for p in poses)
+        worst = max(worst, best)
+    return worst, len(poses), int(labelled.any(axis=1).sum())
+
+
+def test_pipeline_output_decodes_to_the_augmented_keypoints(records):
+    cfg = _cfg()
+    pipe = InputPipeline(cfg, "train", records)
+    assert pipe.augmenter is not None
+    pairs = list(pipe.element_indices_and_seeds().take(8).as_numpy_iterator())
+    batches = list(pipe.dataset().take(4))
+    flips = []
+    for k, (index, seed) in enumerate(pairs):
+        images, targets = batches[k // 2]
+        b = k % 2
+        assert images.dtype == tf.float32 and images.shape == (2, SIZE, SIZE, 3)
+        sample = pipe.sample(int(index), int(seed))          # the same work in plain Python
+        np.testing.assert_array_equal(images[b].numpy(), sample.image.astype(np.float32))
+        got = {key: v[b].numpy() for key, v in targets.items()}
+        for key in got:
+            np.testing.assert_array_equal(got[key], sample.targets[key])
+        error, found, people = _decoded_error(got, sample.keypoints, cfg)
+        assert found == people and error < 0.01
+        flips.append(sample.flipped)
+        # the augmentation really moved the people away from the plain letterbox
+        lb = sample.letterbox
+        plain = to_network(records[int(index)].keypoints[..., :2], lb)
+        assert not np.allclose(plain, sample.keypoints[..., :2], atol=1.0)
+    assert set(flips) == {True, False}                     # mirrored and plain samples both decode
+
+
+def test_validation_does_not_augment(records):
+    cfg = _cfg()
+    pipe = InputPipeline(cfg, "val", records)
+    assert pipe.augmenter is None
+    for seed in (0, 99):
+        s = pipe.sample(2, seed)
+        r = records[2]
+        bgr = cv2.imread(r.image_path)
+        lb = letterbox_params(bgr.shape[0], bgr.shape[1], SIZE, SIZE)
+        np.testing.assert_array_equal(s.image, letterbox_image(bgr, lb)[..., ::-1])
+        np.testing.assert_allclose(s.keypoints[..., :2], to_network(r.keypoints[..., :2], lb), atol=1e-4)
+        error, found, people = _decoded_error(s.targets, s.keypoints, cfg)
+        assert found == people and error < 0.01
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(records, tmp_path):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    recs = records[:3] + [dataclasses.replace(records[3], image_path=str(bad)),
+                          dataclasses.replace(records[4], image_path=str(tmp_path / "missing.jpg"))]
+    pipe = InputPipeline(_cfg(batch_size=1), "train", recs)
+    assert sum(1 for _ in pipe.dataset()) == 3                 # the epoch finishes with the 3 good ones
+    assert pipe.skipped.by_reason == {"corrupt image": 1, "missing file": 1}
+    assert sum(1 for _ in pipe.dataset()) == 3
+    assert pipe.skipped.count == 4 and len(pipe.skipped.files) == 2
+    indices = np.concatenate([info["index"].numpy() for _, info in pipe.eval_dataset(2)])
+    assert indices.tolist() == [0, 1, 2]
+
+
+def test_eval_batches_carry_index_and_letterbox(records):
+    pipe = InputPipeline(_cfg(), "val", records[:5])
+    seen = []
+    for images, info in pipe.eval_dataset(2):
+        for b, index in enumerate(info["index"].numpy()):
+            bgr = cv2.imread(records[index].image_path)
+            lb = letterbox_params(bgr.shape[0], bgr.shape[1], SIZE, SIZE)
+            np.testing.assert_allclose(info["letterbox"][b].numpy(), lb.as_array(), rtol=1e-6)
+            assert info["image_hw"][b].numpy().tolist() == list(bgr.shape[:2])
+            np.testing.assert_array_equal(images[b].numpy(), letterbox_image(bgr, lb)[..., ::-1])
+            # network point -> original: x = (x' - pad_x) / sx
+            sx, sy, px, py = info["letterbox"][b].numpy()
+            kp = records[index].keypoints[0, 0, :2]
+            net = to_network(kp, lb)
+            np.testing.assert_allclose(((net[0] - px) / sx, (net[1] - py) / sy), kp, atol=1e-3)
+            seen.append(int(index))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_deterministic_mode_repeats_runs_and_varies_epochs(records):
+    cfg = _cfg()
+    a = next(iter(InputPipeline(cfg, "train", records).dataset()))
+    b = next(iter(InputPipeline(cfg, "train", records).dataset()))
+    np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
+    stream = InputPipeline(cfg, "train", records).element_indices_and_seeds()
+    first, second = list(stream.as_numpy_iterator()), list(stream.as_numpy_iterator())
+    assert sorted(i for i, _ in first) == list(range(len(records)))      # each record once per epoch
+    assert first != second                                               # new order and seeds
+    other = list(InputPipeline(_cfg(seed=2), "train", records).element_indices_and_seeds().as_numpy_iterator())
+    assert other != first
+
+
+def test_batching_and_sharding(records):
+    pipe = InputPipeline(_cfg(), "train", records)
+    train = [x.shape[0] for x, _ in pipe.dataset(batch_size=3)]
+    assert train == [3, 3]                                               # drop_remainder
+    images, targets = next(iter(pipe.dataset(batch_size=3)))
+    J = pipe.skeleton.num_joints
+    assert targets["root"].shape == (3, 32, 32, 1) and targets["root_weight"].shape == (3, 32, 32, 1)
+    assert targets["disp"].shape == (3, 32, 32, 2 * J) and targets["disp_weight"].shape == (3, 32, 32, 2 * J)
+    val = [x.shape[0] for x, _ in InputPipeline(_cfg(), "val", records).dataset(batch_size=3)]
+    assert val == [3, 3, 2]
+    shards = [{int(i) for i, _ in pipe.element_indices_and_seeds(
+        tf.distribute.InputContext(2, k, 2)).as_numpy_iterator()} for k in (0, 1)]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(len(records)))
+
+
+def test_ignore_regions_zero_the_root_weight_but_not_at_people(records):
+    r = records[0]
+    bgr = cv2.imread(r.image_path)
+    H, W = bgr.shape[:2]
+    half = [[0, 0, W / 2, 0, W / 2, H, 0, H]]                           # left half, COCO polygon
+    rec = dataclasses.replace(r, ignore_regions=[half])
+    lb = letterbox_params(H, W, SIZE, SIZE)
+    # the region in output cells (stride 4): x' in [pad_x, pad_x + sx * W / 2), y' in the picture
+    x_end = (lb.pad_x + lb.scale_x * W / 2) / 4
+    y0, y1 = lb.pad_y / 4, (lb.pad_y + lb.new_h) / 4
+    u = np.arange(32)
+    inside = ((u[None, :] >= lb.pad_x / 4) & (u[None, :] + 1 <= x_end) &
+              (u[:, None] >= y0) & (u[:, None] + 1 <= y1))
+    outside = (u[None, :] >= np.ceil(x_end)) | (u[:, None] + 1 <= np.floor(y0)) | (u[:, None] >= np.ceil(y1))
+
+    t = InputPipeline(_cfg(ignore_crowd=True), "val", [rec]).sample(0).targets
+    weight, root = t["root_weight"][..., 0], t["root"][..., 0]
+    assert inside.sum() > 50
+    assert np.all(weight[inside & (root <= 0)] == 0)
+    assert np.all(weight[outside] == 1)
+    assert np.all(weight[root > 0] == 1)                                # people keep their peaks
+    t_off = InputPipeline(_cfg(ignore_crowd=False), "val", [rec]).sample(0).targets
+    assert np.all(t_off["root_weight"] == 1)
+
+
+def test_missing_configuration_is_a_clear_error():
+    cfg = get_preset("ai_challenger_w32_512")
+    with pytest.raises(ValueError, match="train_json"):
+        load_records(cfg, "train")
