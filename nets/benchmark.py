@@ -5,7 +5,7 @@
 
 Reports trainable parameters and conv multiply-accumulates (whole model and trunk),
 ``forward_ms`` (batch 1, inference mode, median over ``--runs`` calls after warm-up) and
-``train_step_ms`` (batch 2, one Adam step on the real SPM loss, median likewise). The model's
+``train_step_ms`` (batch ``--train-batch``, default 2, one Adam step on the real SPM loss, median likewise). The model's
 head settings come from the preset of the backbone (``tiny_synthetic`` for ``hrnet_tiny``,
 ``ai_challenger_w32_512`` otherwise) unless overridden.
 """
@@ -64,6 +64,10 @@ def run_benchmark(subcommand: str, argv) -> dict:
     parser.add_argument("--input", type=_parse_size, default=(512, 512), help="HxW (default 512x512)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--train-batch", type=int, default=2, help="batch of the timed train step")
+    parser.add_argument("--mixed-precision", default="", choices=["", "float16", "bfloat16"],
+                        help="Keras mixed-precision policy (default: float32)")
+    parser.add_argument("--xla", action="store_true", help="compile the timed functions with XLA")
     args = parser.parse_args(argv)
 
     cfg = get_preset("tiny_synthetic" if args.backbone == "hrnet_tiny" else "ai_challenger_w32_512")
@@ -74,29 +78,36 @@ def run_benchmark(subcommand: str, argv) -> dict:
         overrides["head"] = args.head
     cfg = cfg.replace(**overrides)
 
-    model = build_spm_model(cfg)
+    previous_policy = keras.config.dtype_policy()
+    if args.mixed_precision:
+        keras.config.set_dtype_policy("mixed_" + args.mixed_precision)
+    try:
+        model = build_spm_model(cfg)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
     trunk = get_backbone(model)
     rng = np.random.default_rng(0)
     h, w = args.input
 
     image1 = tf.constant(rng.uniform(0, 255, (1, h, w, 3)), tf.float32)
-    forward = tf.function(lambda x: model(x, training=False))
+    forward = tf.function(lambda x: model(x, training=False), jit_compile=args.xla)
     forward_ms = _median_ms(lambda: forward(image1)["root"].numpy(), args.warmup, args.runs)
 
-    image2 = tf.constant(rng.uniform(0, 255, (2, h, w, 3)), tf.float32)
-    targets = _random_targets(model, 2, rng)
+    batch = args.train_batch
+    images = tf.constant(rng.uniform(0, 255, (batch, h, w, 3)), tf.float32)
+    targets = _random_targets(model, batch, rng)
     optimizer = keras.optimizers.Adam(cfg.train.lr)
     optimizer.build(model.trainable_variables)
 
-    @tf.function
+    @tf.function(jit_compile=args.xla)
     def train_step(images, targets):
         with tf.GradientTape() as tape:
-            losses = spm_loss(targets, model(images, training=True), cfg.loss, global_batch_size=2)
+            losses = spm_loss(targets, model(images, training=True), cfg.loss, global_batch_size=batch)
         grads = tape.gradient(losses["total"], model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return losses["total"]
 
-    train_step_ms = _median_ms(lambda: train_step(image2, targets).numpy(), args.warmup, args.runs)
+    train_step_ms = _median_ms(lambda: train_step(images, targets).numpy(), args.warmup, args.runs)
     return {
         "subcommand": subcommand,
         "backbone": args.backbone,
@@ -108,8 +119,10 @@ def run_benchmark(subcommand: str, argv) -> dict:
         "forward_ms": round(forward_ms, 1),
         "forward_batch": 1,
         "train_step_ms": round(train_step_ms, 1),
-        "train_batch": 2,
+        "train_batch": batch,
         "runs": args.runs,
+        "mixed_precision": args.mixed_precision,
+        "xla": args.xla,
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
     }
