@@ -42,6 +42,16 @@ from config.skeletons import Skeleton
 from dataset.records import VIS_UNLABELLED
 
 
+def unlabel_outside(keypoints: np.ndarray, height: int, width: int) -> np.ndarray:
+    """In place: joints outside ``[0, width) x [0, height)`` become unlabelled; unlabelled joints
+    are set to (0, 0). Returns ``keypoints`` ([N, J, 3] x, y, internal visibility)."""
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    outside = (x < 0) | (x >= width) | (y < 0) | (y >= height)
+    keypoints[outside, 2] = VIS_UNLABELLED
+    keypoints[keypoints[..., 2] == VIS_UNLABELLED, :2] = 0.0
+    return keypoints
+
+
 @dataclasses.dataclass
 class Augmented:
     """One augmented sample, all in network-input coordinates.
@@ -123,16 +133,13 @@ class Augmenter:
                   return_batch=True)
 
         xy = out.keypoints_aug.to_xy_array().reshape(n, j, 2) if n else np.zeros((0, j, 2), np.float32)
-        vis = keypoints[..., 2].copy()
-        inside = (xy[..., 0] >= 0) & (xy[..., 0] < W) & (xy[..., 1] >= 0) & (xy[..., 1] < H)
-        vis[~inside] = VIS_UNLABELLED
-        new_kps = np.concatenate([xy, vis[..., None]], axis=-1).astype(np.float32)
+        new_kps = np.concatenate([xy, keypoints[..., 2:]], axis=-1).astype(np.float32)
         new_boxes = out.bounding_boxes_aug.to_xyxy_array().astype(np.float32).reshape(-1, 4)
         new_boxes[:, 0::2] = np.clip(new_boxes[:, 0::2], 0, W)
         new_boxes[:, 1::2] = np.clip(new_boxes[:, 1::2], 0, H)
         if flip:
             new_kps = new_kps[:, self.flip_index]
-        new_kps[new_kps[..., 2] == VIS_UNLABELLED, :2] = 0.0
+        unlabel_outside(new_kps, H, W)
         new_mask = out.segmentation_maps_aug.get_arr() > 0 if mask is not None else None
         return Augmented(image=out.images_aug[0], keypoints=new_kps, boxes=new_boxes, mask=new_mask,
                          flipped=flip)

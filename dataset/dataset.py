@@ -52,6 +52,8 @@ it). Images leave the function as uint8 and are cast to float32 per batch in the
 training element carries its own augmentation seed from ``tf.data.Dataset.random``, which
 draws new seeds every epoch: with ``cfg.data.deterministic`` the record order (shuffle seed),
 the seeds and the output order are all fixed by ``cfg.data.seed``, whatever the thread timing.
+Let iterators go (``del it``) before the interpreter exits: a tf.data iterator whose threads
+are inside a Python function when Python shuts down can hang the exit.
 
 Datasets (``cfg.data.dataset``): ``synthetic`` (generated on first use,
 ``dataset/synthetic.py``), ``ai_challenger`` and ``coco`` (``train_json``/``train_images``,
@@ -212,8 +214,8 @@ class Sample:
 
     Attributes:
         image: uint8 RGB ``[H, W, 3]``.
-        keypoints: float32 ``[N, J, 3]`` after letterbox and augmentation (joints pushed out of
-            the input are unlabelled).
+        keypoints: float32 ``[N, J, 3]`` after letterbox and augmentation; joints outside the
+            input are unlabelled, unlabelled joints are at (0, 0).
         boxes: float32 ``[N, 4]``.
         targets: the SPR target dict of ``utils.spr.encode``.
         letterbox: the letterbox of the original image.
@@ -271,6 +273,7 @@ class InputPipeline:
 
     def sample(self, index: int, seed: int = 0) -> Sample:
         """Prepare record ``index`` with augmentation ``seed``; ImageError when unusable."""
+        from dataset.augment import unlabel_outside
         from utils.spr import encode
 
         image, lb, record = self._load(index)
@@ -285,6 +288,8 @@ class InputPipeline:
         if self.augmenter is not None:
             out = self.augmenter(image, keypoints, boxes, int(seed), mask)
             image, keypoints, boxes, mask, flipped = out.image, out.keypoints, out.boxes, out.mask, out.flipped
+        else:
+            unlabel_outside(keypoints, *self.input_hw)
         targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
         if mask is not None:
             h, w = self.output_hw

@@ -83,7 +83,10 @@ def test_validation_does_not_augment(records):
         bgr = cv2.imread(r.image_path)
         lb = letterbox_params(bgr.shape[0], bgr.shape[1], SIZE, SIZE)
         np.testing.assert_array_equal(s.image, letterbox_image(bgr, lb)[..., ::-1])
-        np.testing.assert_allclose(s.keypoints[..., :2], to_network(r.keypoints[..., :2], lb), atol=1e-4)
+        lab = r.keypoints[..., 2] > VIS_UNLABELLED
+        np.testing.assert_array_equal(s.keypoints[..., 2], r.keypoints[..., 2])
+        np.testing.assert_allclose(s.keypoints[lab, :2], to_network(r.keypoints[lab, :2], lb), atol=1e-4)
+        assert np.all(s.keypoints[~lab, :2] == 0)
         error, found, people = _decoded_error(s.targets, s.keypoints, cfg)
         assert found == people and error < 0.01
 
