@@ -1,0 +1,101 @@
+"""Exports give the same poses as the Python inference path."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from training_helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory with a tiny model whose output layers are random, so its maps have
+    distinct peaks (an untrained model's are flat), and a decoder that keeps every peak."""
+    from nets.spm_model import build_spm_model
+
+    d = str(tmp_path_factory.mktemp("run"))
+    cfg = tiny_config(d, score_threshold=0.0, max_people=8, nms_window=3)
+    model = build_spm_model(cfg)
+    rng = np.random.default_rng(0)
+    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
+    cfg.save(d)
+    model.save_weights(os.path.join(d, "final.weights.h5"))
+    return d
+
+
+def _python_path(run_dir, image):
+    from utils import inference
+
+    model, cfg = inference.load_trained_model(run_dir)
+    prediction, = inference.predict_images(inference.Predictor(model, cfg), [image])
+    return prediction, cfg
+
+
+def _image(h, w, seed=1):
+    return np.random.default_rng(seed).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+
+
+def test_saved_model_matches_python_path(run_dir, tmp_path):
+    import tensorflow as tf
+    from utils import export, inference
+
+    model, cfg = inference.load_trained_model(run_dir)
+    out = export.export_saved_model(model, cfg, str(tmp_path / "sm"))
+    serve = tf.saved_model.load(out).signatures[export.SIGNATURE]
+    for h, w in [(64, 64), (50, 90)]:
+        image = _image(h, w)
+        got = {k: v.numpy() for k, v in serve(image=tf.constant(image)).items()}
+        want, _ = _python_path(run_dir, image)
+        n = int(got["num_people"])
+        assert n == len(want.poses) == 8
+        if (h, w) == (64, 64):   # no resize: the very same pixels, the very same poses
+            np.testing.assert_allclose(got["poses"][:n], want.poses, rtol=1e-5, atol=2e-2)  # 1/50 px
+            np.testing.assert_allclose(got["scores"][:n], want.scores, atol=1e-6)
+            np.testing.assert_allclose(got["roots"][:n], want.roots, atol=1e-4)
+        else:   # the in-graph resize interpolates a little differently from OpenCV's
+            assert np.all(np.isfinite(got["poses"][:n]))
+            # roots are output-cell centres mapped back through the same letterbox
+            from utils.letterbox import letterbox_params, to_network
+
+            cells = to_network(got["roots"][:n], letterbox_params(h, w, 64, 64)) / 4 - 0.5
+            np.testing.assert_allclose(cells, np.round(cells), atol=1e-3)
+        assert np.all(got["poses"][n:] == 0)
+
+
+def test_tflite_matches_python_path(run_dir, tmp_path):
+    import tensorflow as tf
+    from utils import export, inference
+
+    model, cfg = inference.load_trained_model(run_dir)
+    path = str(tmp_path / "spm.tflite")
+    meta = export.export_tflite(model, cfg, path)
+    assert json.load(open(path + ".json"))["decoder_inside"] == meta["decoder_inside"]
+    interp = tf.lite.Interpreter(model_path=path)
+    interp.allocate_tensors()
+    image = _image(64, 64, seed=2)
+    interp.set_tensor(interp.get_input_details()[0]["index"], image[None].astype(np.float32))
+    interp.invoke()
+    outs = {d["name"]: interp.get_tensor(d["index"]) for d in interp.get_output_details()}
+    want, cfg = _python_path(run_dir, image)
+    if meta["decoder_inside"]:
+        poses = next(v for k, v in outs.items() if v.ndim == 4 and v.shape[-1] == 2)
+        np.testing.assert_allclose(poses[0, :len(want.poses)], want.poses, rtol=1e-4, atol=1e-2)
+    else:
+        from utils.spr import decode
+
+        root = next(v for v in outs.values() if v.shape[-1] == 1)
+        disp = next(v for v in outs.values() if v.shape[-1] == 2 * cfg.skeleton.num_joints)
+        dec = decode(tf.constant(root), tf.constant(disp), cfg.skeleton, cfg.spr)
+        np.testing.assert_allclose(dec.poses.numpy()[0, :len(want.poses)], want.poses, rtol=1e-4, atol=1e-2)
+
+
+def test_checkpoint_of_another_skeleton_is_refused(run_dir):
+    from utils import inference
+
+    with pytest.raises(ValueError, match="ai_challenger skeleton .* need the coco skeleton"):
+        inference.load_trained_model(run_dir, expect_skeleton="coco")
