@@ -75,6 +75,7 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
     path = str(tmp_path / "spm.tflite")
     meta = export.export_tflite(model, cfg, path)
     assert json.load(open(path + ".json"))["decoder_inside"] == meta["decoder_inside"]
+    assert meta["decoder_inside"], meta.get("decoder_error")   # TFLite takes the SPR decoder
     interp = tf.lite.Interpreter(model_path=path)
     interp.allocate_tensors()
     image = _image(64, 64, seed=2)
