@@ -254,32 +254,46 @@ def score_predictions_for(cfg: Config, ann_json: str, predictions: Sequence[Pred
     return score_aic(ann_json, predictions, image_ids)
 
 
-def evaluate_model(model, cfg: Config, writer=None, step: int = 0, flip: bool = False,
-                   num_pictures: int = 4) -> Dict[str, Any]:
-    """Score ``model`` on the configured validation split with the dataset's official metric.
+class Evaluator:
+    """Scores a model on the configured validation split with the dataset's official metric.
 
-    With a summary ``writer``, also logs pictures of the predictions on the first images.
+    Records, paths and the compiled predictor are made once and reused at every evaluation
+    (the training loop evaluates at every epoch end). With a summary ``writer``, pictures of
+    the predictions on the first images are logged too.
     """
-    from dataset.dataset import load_records, split_paths
 
-    records, _ = load_records(cfg, "val")
-    ann_json, _ = split_paths(cfg, "val")
-    start = time.time()
-    predictor = Predictor(model, cfg, flip=flip)
-    predictions, pipeline = predict_records(predictor, records, cfg.data.batch_size)
-    result = score_predictions_for(cfg, ann_json, predictions, [r.image_id for r in records])
-    result["eval_seconds"] = round(time.time() - start, 2)
-    result["skipped_images"] = pipeline.skipped.count
-    if writer is not None and num_pictures:
-        import tensorflow as tf
+    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4):
+        from dataset.dataset import load_records, split_paths
 
-        pictures = [draw_prediction(p, cfg) for p in predictions[:num_pictures]]
-        if pictures:
-            size = max(max(p.shape[0] for p in pictures), 1), max(max(p.shape[1] for p in pictures), 1)
-            batch = np.stack([_pad_to(p, size) for p in pictures])
-            with writer.as_default(step=step):
-                tf.summary.image("val/predictions", batch, max_outputs=num_pictures)
-    return result
+        self.cfg, self.flip, self.num_pictures = cfg, flip, num_pictures
+        self.records, _ = load_records(cfg, "val")
+        self.ann_json, _ = split_paths(cfg, "val")
+        self._predictor: Optional[Predictor] = None
+
+    def __call__(self, model, writer=None, step: int = 0) -> Dict[str, Any]:
+        start = time.time()
+        if self._predictor is None or self._predictor.model is not model:
+            self._predictor = Predictor(model, self.cfg, flip=self.flip)
+        predictions, pipeline = predict_records(self._predictor, self.records, self.cfg.data.batch_size)
+        result = score_predictions_for(self.cfg, self.ann_json, predictions,
+                                       [r.image_id for r in self.records])
+        result["eval_seconds"] = round(time.time() - start, 2)
+        result["skipped_images"] = pipeline.skipped.count
+        if writer is not None and self.num_pictures:
+            import tensorflow as tf
+
+            pictures = [draw_prediction(p, self.cfg) for p in predictions[:self.num_pictures]]
+            if pictures:
+                size = max(p.shape[0] for p in pictures), max(p.shape[1] for p in pictures)
+                with writer.as_default(step=step):
+                    tf.summary.image("val/predictions", np.stack([_pad_to(p, size) for p in pictures]),
+                                     max_outputs=self.num_pictures)
+        return result
+
+
+def evaluate_model(model, cfg: Config, flip: bool = False) -> Dict[str, Any]:
+    """One-off :class:`Evaluator` run: the official score of ``model`` on the validation split."""
+    return Evaluator(cfg, flip=flip, num_pictures=0)(model)
 
 
 # ----------------------------------------------------------------------------- pictures

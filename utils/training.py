@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -137,7 +138,9 @@ class _Progress:
         self.bar = None
         if enabled:
             print(f"Epoch {epoch + 1}/{epochs}", flush=True)
-            self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr"])
+            # A live bar on a terminal; one line per epoch in logs and CI.
+            self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr"],
+                                           verbose=1 if sys.stdout.isatty() else 2)
 
     def update(self, step_in_epoch: int, values: Dict[str, float]):
         if self.bar is not None:
@@ -173,6 +176,7 @@ class Trainer:
         self.is_chief = is_chief_worker(self.strategy)
         self.run_dir = run_dir or cfg.train.run_dir or os.path.join("runs", cfg.preset)
         self.evaluate_fn = evaluate_fn
+        self._evaluator = None
         self._check_run_dir_config()
 
         if pipeline is None:
@@ -390,10 +394,12 @@ class Trainer:
     def evaluate(self) -> Dict[str, Any]:
         if self.evaluate_fn is not None:
             return self.evaluate_fn(self.model, self.cfg)
-        from utils.inference import evaluate_model
+        if self._evaluator is None:
+            from utils.inference import Evaluator
 
-        return evaluate_model(self.model, self.cfg, writer=self.writer if self.is_chief else None,
-                              step=int(self.step.numpy()))
+            self._evaluator = Evaluator(self.cfg)
+        return self._evaluator(self.model, writer=self.writer if self.is_chief else None,
+                               step=int(self.step.numpy()))
 
     def _history_path(self):
         return os.path.join(self.run_dir, "history.json")
