@@ -49,7 +49,7 @@ from dataset.records import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE, ImageReco
 log = logging.getLogger(__name__)
 
 # Bump whenever the rendered images or annotations change: it is part of the cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 COMPLETE_MARKER = "COMPLETE.json"
 SPLITS = ("train", "val")
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -66,11 +66,11 @@ class GeneratorOptions:
     min_side: int = 320
     max_side: int = 640
     max_people: int = 6
-    people_weights: Tuple[float, ...] = (0.25, 0.25, 0.2, 0.12, 0.1, 0.08)  # P(1..6 people)
-    min_height_frac: float = 0.22       # person height / image height, log-uniform
-    max_height_frac: float = 0.95
+    people_weights: Tuple[float, ...] = (0.3, 0.3, 0.18, 0.1, 0.07, 0.05)  # P(1..6 people)
+    min_height_frac: float = 0.3        # person height / image height, log-uniform
+    max_height_frac: float = 0.9
     min_labelled_joints: int = 6        # a figure with fewer joints in frame is placed again
-    max_box_iou: float = 0.3            # overlap allowed between two figures' joint boxes
+    max_box_iou: float = 0.25           # overlap allowed between two figures' joint boxes
     back_facing_prob: float = 0.0       # figures seen from behind (no face, sides mirrored)
     jpeg_quality: int = 90
 
@@ -112,13 +112,13 @@ def sample_pose(rng: np.random.Generator, skeleton: Skeleton,
     for name, side in (("right", -1.0), ("left", 1.0)):
         s = side if not back_facing else -side
         shoulder = np.array([s * _SHOULDER_HALF * width, -torso + _SHOULDER_DROP])
-        a_upper = deg(rng.uniform(-35, 165))
-        a_fore = a_upper + deg(rng.uniform(-70, 150))
+        a_upper = deg(rng.uniform(-30, 150))
+        a_fore = a_upper + deg(rng.uniform(-60, 120))
         elbow = shoulder + _UPPER_ARM * rng.uniform(0.65, 1.0) * _unit(a_upper, s)
         wrist = elbow + _FOREARM * rng.uniform(0.65, 1.0) * _unit(a_fore, s)
         hip = np.array([s * _HIP_HALF * width, 0.0])
-        a_thigh = deg(rng.uniform(-20, 55))
-        a_shin = a_thigh + deg(rng.uniform(-45, 35))
+        a_thigh = deg(rng.uniform(-15, 45))
+        a_shin = a_thigh + deg(rng.uniform(-35, 25))
         knee = hip + _THIGH * rng.uniform(0.7, 1.0) * _unit(a_thigh, s)
         ankle = knee + _SHIN * rng.uniform(0.7, 1.0) * _unit(a_shin, s)
         for joint, p in (("shoulder", shoulder), ("elbow", elbow), ("wrist", wrist),
@@ -340,7 +340,7 @@ def _background(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
     corners = (corners - corners.min()) / max(float(np.ptp(corners)), 1e-6)
     small = (c0 + (c1 - c0) * corners[..., None]).astype(np.uint8)
     image = cv2.resize(small, (W, H), interpolation=cv2.INTER_LINEAR)
-    for _ in range(int(rng.integers(4, 24))):
+    for _ in range(int(rng.integers(3, 16))):
         color = tuple(float(v) for v in rng.uniform(0, 255, size=3))
         kind = rng.integers(0, 5)
         x, y = rng.uniform(-0.1, 1.1) * W, rng.uniform(-0.1, 1.1) * H
