@@ -2,8 +2,9 @@
 
 Measures the whole training pipeline of ``dataset/dataset.py`` (file read, JPEG decode,
 letterbox, imgaug augmentation, SPR encoding, batching, float cast) on the synthetic data set
-(generated into the cache on first use), and, separately and one at a time in this thread, the
-cost of each stage per image, to show where the time goes.
+(generated into the cache on first use), and, separately, the cost of each stage per image,
+timed one image at a time in this thread (OpenCV may still use its own threads), to show where
+the time goes.
 
     python3 tools/benchmark.py pipeline [--preset P] [--input 512x512] [--batches N]
 """
@@ -127,6 +128,6 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     print(f"pipeline: {result['images_per_s']} images/s at {w}x{h}, batch {args.batch_size}, "
           f"{cores} cores (load average {result['load_average_before']} before, "
           f"{result['load_average_after']} after)")
-    print("ms per image, one stage at a time in one thread: " +
+    print("ms per image, stages timed one image at a time (OpenCV may use its own threads): " +
           ", ".join(f"{k} {v}" for k, v in stages.items()))
     return result
