@@ -93,8 +93,8 @@ def _unit(angle: np.ndarray, side: float) -> np.ndarray:
 
 
 def sample_pose(rng: np.random.Generator, skeleton: Skeleton,
-                back_facing: bool = False) -> Tuple[np.ndarray, Dict[str, float]]:
-    """A random pose in the body frame: (joints [J, 2], shape parameters).
+                back_facing: bool = False) -> Tuple[np.ndarray, float]:
+    """A random pose in the body frame: (joints [J, 2], body-width factor).
 
     Body frame: origin at the pelvis centre, x to the image's right, y down, unit = standing
     height. Seen from the front, the person's right side is at negative x. Angles are measured
@@ -124,8 +124,7 @@ def sample_pose(rng: np.random.Generator, skeleton: Skeleton,
         for joint, p in (("shoulder", shoulder), ("elbow", elbow), ("wrist", wrist),
                          ("hip", hip), ("knee", knee), ("ankle", ankle)):
             pts[f"{name}_{joint}"] = p
-    joints = np.stack([pts[n] for n in skeleton.joint_names])
-    return joints, {"width": width, "torso": torso}
+    return np.stack([pts[n] for n in skeleton.joint_names]), width
 
 
 @dataclasses.dataclass
@@ -172,8 +171,8 @@ def _random_colors(rng: np.random.Generator) -> Dict[str, np.ndarray]:
 def make_figure(rng: np.random.Generator, skeleton: Skeleton, height: float,
                 center: Sequence[float], back_facing: bool = False) -> Figure:
     """A randomly posed and dressed figure of standing ``height`` pixels, pelvis at ``center``."""
-    body, shape = sample_pose(rng, skeleton, back_facing)
-    return Figure(body=body, width=shape["width"], height=float(height),
+    body, width = sample_pose(rng, skeleton, back_facing)
+    return Figure(body=body, width=width, height=float(height),
                   angle=float(np.deg2rad(rng.normal(0.0, 8.0))),
                   center=np.asarray(center, np.float64), back_facing=back_facing,
                   colors=_random_colors(rng), pattern=int(rng.integers(0, 4)),
