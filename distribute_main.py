@@ -10,7 +10,6 @@ normalised by the global batch. With TF_CONFIG only the chief (worker 0) writes 
 summaries and pictures. Other flags are those of main.py.
 """
 
-import json
 import logging
 import os
 import sys
@@ -18,8 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from main import build_parser, run_training  # noqa: E402  (no TensorFlow import yet)
-from config import config_from_args  # noqa: E402
+from main import build_parser, run_cli  # noqa: E402  (no TensorFlow import yet)
 from utils.distribute import select_gpus  # noqa: E402
 
 
@@ -29,30 +27,24 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-replicas", type=int, default=0,
                         help="run N logical CPU replicas (testing without a GPU)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.gpus:
-            # Before TensorFlow is imported: CUDA reads the variable once, at initialisation.
+    if args.gpus:
+        # Before TensorFlow is imported: CUDA reads the variable once, at initialisation.
+        try:
             selected = select_gpus(args.gpus)
-            logging.info("using GPUs %s (CUDA_VISIBLE_DEVICES=%s)", selected, os.environ["CUDA_VISIBLE_DEVICES"])
-        cfg = config_from_args(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"using GPUs {selected} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})",
+              file=sys.stderr)
+
+    def strategy():
         from utils.distribute import make_strategy
 
-        strategy = make_strategy(cpu_replicas=args.cpu_replicas)
-        logging.info("%s with %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
-        result = run_training(cfg, strategy)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from utils.training import NonFiniteLossError
+        s = make_strategy(cpu_replicas=args.cpu_replicas)
+        logging.info("%s with %d replicas", type(s).__name__, s.num_replicas_in_sync)
+        return s
 
-        if isinstance(e, NonFiniteLossError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
-    print(json.dumps(result))
-    return 0
+    return run_cli(args, strategy)
 
 
 if __name__ == "__main__":

@@ -29,33 +29,32 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_training(cfg, strategy=None) -> dict:
-    """Train with ``strategy`` (None: one device) and return the summary dict."""
-    from utils.training import Trainer
+def run_cli(args, make_strategy=None) -> int:
+    """Resolve the config, train, print the summary JSON; clear errors and exit codes.
 
-    trainer = Trainer(cfg, strategy=strategy)
-    return trainer.fit()
-
-
-def main(argv=None) -> int:
-    parser = build_parser(__doc__)
-    args = parser.parse_args(argv)
+    ``make_strategy``: a callable returning the tf.distribute strategy (None: one device).
+    Exit codes: 0 done, 2 bad input (config, files, data), 3 non-finite loss.
+    """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(args)
-        result = run_training(cfg)
+        strategy = make_strategy() if make_strategy else None
+        from utils.training import NonFiniteLossError, Trainer
+
+        try:
+            result = Trainer(cfg, strategy=strategy).fit()
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from utils.training import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
     print(json.dumps(result))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(__doc__).parse_args(argv))
 
 
 if __name__ == "__main__":

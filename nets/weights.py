@@ -129,6 +129,19 @@ def _listed(keys: Iterable[str]) -> str:
     shown = ", ".join(keys[:MAX_LISTED])
     return shown + (f", ... and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else "")
 
+def _refuse_mismatch(source, model, missing, extra, wrong, words, hint=None) -> None:
+    """Raise one ValueError listing every missing, extra and mis-shaped entry (nothing if none)."""
+    if not (missing or extra or wrong):
+        return
+    parts = [f"{source}: does not fit model {model.name!r}"]
+    for items, word in zip((missing, extra, wrong), words):
+        if items:
+            parts.append(f"{len(items)} {word}: {_listed(items)}")
+    if hint:
+        parts.append(hint)
+    raise ValueError("; ".join(parts))
+
+
 
 def load_state_dict(model: keras.Model, state_dict, ignore_prefixes: Sequence[str] = (),
                     source: str = "state_dict", hint: str = "") -> List[str]:
@@ -150,17 +163,8 @@ def load_state_dict(model: keras.Model, state_dict, ignore_prefixes: Sequence[st
             want = tuple(var.shape[i] for i in (3, 2, 0, 1)) if is_kernel else tuple(var.shape)
             if tuple(state[key].shape) != want:
                 wrong.append(f"{key} (got {tuple(state[key].shape)}, expected {want})")
-    if missing or extra or wrong:
-        parts = [f"{source}: does not fit model {model.name!r}"]
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_listed(missing)}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected keys: {_listed(extra)}")
-        if wrong:
-            parts.append(f"{len(wrong)} keys with a wrong shape: {_listed(wrong)}")
-        if hint:
-            parts.append(hint)
-        raise ValueError("; ".join(parts))
+    _refuse_mismatch(source, model, missing, extra, wrong,
+                     ("missing keys", "unexpected keys", "keys with a wrong shape"), hint)
     for key, (var, is_kernel) in expected.items():
         value = state[key].astype(np.float32)
         var.assign(value.transpose(2, 3, 1, 0) if is_kernel else value)
@@ -277,14 +281,8 @@ def load_layer_weights(model: keras.Model, path: str) -> None:
     extra = sorted(set(stored) - set(expected))
     wrong = [f"{k} (file {stored[k].shape}, model {tuple(v.shape)})"
              for k, v in expected.items() if k in stored and stored[k].shape != tuple(v.shape)]
-    if missing or extra or wrong:
-        parts = [f"{path}: does not fit model {model.name!r}"]
-        if missing:
-            parts.append(f"{len(missing)} variables missing from the file: {_listed(missing)}")
-        if extra:
-            parts.append(f"{len(extra)} variables the model does not have: {_listed(extra)}")
-        if wrong:
-            parts.append(f"{len(wrong)} variables with a wrong shape: {_listed(wrong)}")
-        raise ValueError("; ".join(parts))
+    _refuse_mismatch(path, model, missing, extra, wrong,
+                     ("variables missing from the file", "variables the model does not have",
+                      "variables with a wrong shape"))
     for key, var in expected.items():
         var.assign(stored[key])
