@@ -1,0 +1,112 @@
+"""Command-line tools on a tiny run directory: outputs, scores and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from training_helpers import tiny_config
+
+
+def _run(tool, *args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory):
+    """A tiny run directory (random output layers, so people are found) and a small AI
+    Challenger-format image set with one unreadable image."""
+    from nets.spm_model import build_spm_model
+    from dataset.synthetic import generate_synthetic_dataset
+
+    base = tmp_path_factory.mktemp("tools")
+    run = str(base / "run")
+    cfg = tiny_config(run, score_threshold=0.05, max_people=4)
+    model = build_spm_model(cfg)
+    rng = np.random.default_rng(0)
+    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
+    cfg.save(run)
+    model.save_weights(os.path.join(run, "final.weights.h5"))
+    paths = generate_synthetic_dataset(str(base / "synth"), num_train=1, num_val=4, seed=3)
+    return run, paths
+
+
+def test_model_val_writes_predictions_and_the_official_score(run_and_data, tmp_path):
+    run, paths = run_and_data
+    out = tmp_path / "pred.json"
+    r = _run("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
+             "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    preds = json.load(open(out))
+    assert result["predicted_images"] == 4 == len(preds)
+    assert all(len(p["keypoint_annotations"]) == 4 for p in preds)      # max_people of the run
+    # the printed score is the official scorer's on the written file
+    from utils.aic_eval import evaluate_files
+
+    assert result["score"] == pytest.approx(evaluate_files(paths.val_json, str(out)).score, abs=1e-12)
+    assert "AI Challenger score:" in r.stdout
+
+
+def test_model_val_refuses_a_model_of_another_skeleton(run_and_data, tmp_path):
+    run, paths = run_and_data
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
+                                "annotations": [], "categories": [{"id": 1, "name": "person"}]}))
+    r = _run("model_val.py", "--ckpt", run, "--json", coco, "--images", tmp_path)
+    assert r.returncode == 2
+    assert "ai_challenger skeleton" in r.stderr and "coco skeleton" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_spm_model_test_draws_pictures_and_skips_unreadable_images(run_and_data, tmp_path):
+    run, paths = run_and_data
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = sorted(os.listdir(paths.val_images))[:2]
+    for n in names:
+        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out"
+    r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "broken.jpg: unreadable image, skipped" in r.stderr
+    written = sorted(os.listdir(out))
+    assert written == sorted(os.path.splitext(n)[0] + "_spm.png" for n in names)
+    drawn = cv2.imread(str(out / written[0]))
+    original = cv2.imread(os.path.join(paths.val_images, names[0]))
+    assert drawn.shape == original.shape and np.any(drawn != original)   # skeletons were drawn
+    assert "latency per frame" in r.stdout
+
+
+def test_spm_model_test_on_an_empty_folder_fails_clearly(run_and_data, tmp_path):
+    run, _ = run_and_data
+    r = _run("spm_model_test.py", "--ckpt", run, "--imgs", tmp_path, "--output", tmp_path / "out")
+    assert r.returncode == 2 and "holds no image" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_spm_model_test_writes_a_video(run_and_data, tmp_path):
+    run, paths = run_and_data
+    first = cv2.imread(os.path.join(paths.val_images, sorted(os.listdir(paths.val_images))[0]))
+    clip = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"MJPG"), 5, (first.shape[1], first.shape[0]))
+    for _ in range(3):
+        writer.write(first)
+    writer.release()
+    r = _run("spm_model_test.py", "--ckpt", run, "--video", clip, "--output", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cap = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == 3
