@@ -137,8 +137,10 @@ def run_mode(mode: str, out: str):
         from utils.distribute import make_strategy
 
         strategy = make_strategy()
+        # Synchronised BatchNorm: without it each worker keeps moving statistics of its own shard
+        # (legitimately different); with it every variable must be identical on both workers.
         cfg = tiny_config(os.path.join(out, "run"), batch_size=2, steps_per_epoch=2, epochs=1,
-                          seed=0, deterministic=True)
+                          seed=0, deterministic=True, sync_batchnorm=True)
         tf.keras.utils.set_random_seed(0)
         images, targets = fixed_batch(cfg, 4)
         trainer = Trainer(cfg, strategy, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets))
