@@ -1,30 +1,19 @@
 """Exports give the same poses as the Python inference path."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
-from training_helpers import tiny_config
+from training_helpers import random_head_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run directory with a tiny model whose output layers are random, so its maps have
     distinct peaks (an untrained model's are flat), and a decoder that keeps every peak."""
-    from nets.spm_model import build_spm_model
-
     d = str(tmp_path_factory.mktemp("run"))
-    cfg = tiny_config(d, score_threshold=0.0, max_people=8, nms_window=3)
-    model = build_spm_model(cfg)
-    rng = np.random.default_rng(0)
-    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
-        layer = model.get_layer(name)
-        kernel, bias = layer.get_weights()
-        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
-    cfg.save(d)
-    model.save_weights(os.path.join(d, "final.weights.h5"))
+    random_head_run(d, score_threshold=0.0, max_people=8, nms_window=3)
     return d
 
 

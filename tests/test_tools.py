@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from training_helpers import tiny_config
+from training_helpers import random_head_run
 
 
 def _run(tool, *args, timeout=300):
@@ -23,20 +23,11 @@ def _run(tool, *args, timeout=300):
 def run_and_data(tmp_path_factory):
     """A tiny run directory (random output layers, so people are found) and a small AI
     Challenger-format image set with one unreadable image."""
-    from nets.spm_model import build_spm_model
     from dataset.synthetic import generate_synthetic_dataset
 
     base = tmp_path_factory.mktemp("tools")
     run = str(base / "run")
-    cfg = tiny_config(run, score_threshold=0.05, max_people=4)
-    model = build_spm_model(cfg)
-    rng = np.random.default_rng(0)
-    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
-        layer = model.get_layer(name)
-        kernel, bias = layer.get_weights()
-        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
-    cfg.save(run)
-    model.save_weights(os.path.join(run, "final.weights.h5"))
+    random_head_run(run, score_threshold=0.05, max_people=4)
     paths = generate_synthetic_dataset(str(base / "synth"), num_train=1, num_val=4, seed=3)
     return run, paths
 

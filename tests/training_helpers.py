@@ -50,6 +50,23 @@ def fixed_batch(cfg, size: int, seed: int = 0):
     return np.stack(images), batch_targets
 
 
+def random_head_run(run_dir: str, **overrides):
+    """Save a tiny run (config.json + final.weights.h5) whose output layers are random, so its
+    maps have distinct peaks (an untrained model's are flat). Returns the config."""
+    from nets.spm_model import build_spm_model
+
+    cfg = tiny_config(run_dir, **overrides)
+    model = build_spm_model(cfg)
+    rng = np.random.default_rng(0)
+    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
+    cfg.save(run_dir)
+    model.save_weights(os.path.join(run_dir, "final.weights.h5"))
+    return cfg
+
+
 class _NoSkips:
     count = 0
 
