@@ -38,6 +38,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
 
     def strategy():
+        # TensorFlow loads here, after --gpus has set CUDA_VISIBLE_DEVICES (it reads it once).
         from utils.distribute import make_strategy
 
         s = make_strategy(cpu_replicas=args.cpu_replicas)

@@ -1,4 +1,5 @@
-"""Configuration: presets and command-line overrides (config.py), skeletons (skeletons.py)."""
+"""Configuration: presets and command-line overrides (config.py), skeletons and the internal
+visibility values (skeletons.py). The bottom layer: imports nothing of the project."""
 
 from config.config import (Config, DataConfig, AugmentConfig, SprConfig, ModelConfig, LossConfig,
                            TrainConfig, PRESETS, DEFAULT_PRESET, CONFIG_FILENAME, get_preset,

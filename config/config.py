@@ -65,7 +65,7 @@ class AugmentConfig:
 
 @dataclasses.dataclass
 class SprConfig:
-    """Structured Pose Representation: target encoding and decoding (utils/spr.py)."""
+    """Structured Pose Representation: target encoding and decoding (nets/spr.py)."""
     output_stride: int = 4
     root_type: str = "centroid"       # centroid (paper: mean of labelled joints) | bbox_center
     anchor: str = "parent"            # parent (hierarchical reading) | root

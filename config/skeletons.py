@@ -21,6 +21,12 @@ from typing import Dict, Tuple
 
 ROOT = -1  # parent index of a joint that hangs from the (virtual) root joint
 
+# Visibility of a joint, the one internal convention (file formats convert at their edges,
+# dataset/records.py): a joint is *labelled* when its visibility is > VIS_UNLABELLED.
+VIS_UNLABELLED = 0
+VIS_OCCLUDED = 1
+VIS_VISIBLE = 2
+
 RGB = Tuple[int, int, int]
 
 # Drawing colours: right side warm, left side cool, centre line green (RGB).

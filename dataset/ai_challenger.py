@@ -38,23 +38,16 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from config.skeletons import AI_CHALLENGER, Skeleton
-from dataset.errors import (AnnotationError, json_numbers, keypoint_lists,
+from config.skeletons import VIS_UNLABELLED
+from dataset.errors import (AnnotationError, check_keypoint_values, json_numbers, keypoint_lists,
                             keypoint_value_names, load_json, number_rows, require_keys, where)
-from dataset.records import (AIC_TO_INTERNAL, INTERNAL_TO_AIC, VIS_UNLABELLED, VIS_VISIBLE, ImageRecord,
-                             ReadStats)
+from dataset.records import AIC_VISIBILITY, ImageRecord, ReadStats
 
 logger = logging.getLogger(__name__)
 
-AIC_VISIBLE = INTERNAL_TO_AIC[VIS_VISIBLE]         # 1: the only value the official OKS counts
-AIC_UNLABELLED = INTERNAL_TO_AIC[VIS_UNLABELLED]   # 3
-AIC_VISIBILITY_VALUES = tuple(sorted(AIC_TO_INTERNAL))   # (1, 2, 3)
 BOX_VALUE_NAMES = ("x1", "y1", "x2", "y2")
 IMAGE_EXTENSION = ".jpg"
 
-# file visibility -> internal visibility, as an index table (entry 0 is never used: 0 is rejected)
-_TO_INTERNAL = np.array([AIC_TO_INTERNAL.get(v, 0) for v in range(max(AIC_TO_INTERNAL) + 1)], np.float32)
-_VISIBILITY_VALUES = np.array(AIC_VISIBILITY_VALUES, np.float64)
-_TO_FILE = np.array([INTERNAL_TO_AIC[v] for v in range(len(INTERNAL_TO_AIC))], np.int64)
 
 
 @dataclasses.dataclass
@@ -155,20 +148,8 @@ def _check_entry(entry: Any, index: int, source: str) -> Tuple[str, dict, dict]:
 
 def _check_values(keypoints: np.ndarray, boxes: np.ndarray, person: Callable[[int], str],
                   skeleton: Skeleton) -> None:
-    """Visibility set, non-negative labelled coordinates and box order, checked as arrays;
-    ``person(row)`` names a row in the message."""
-    vis = keypoints[..., 2]
-    bad = ~(vis[..., None] == _VISIBILITY_VALUES).any(axis=-1)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: {skeleton.joint_names[j]} has visibility "
-                              f"{vis[n, j]:g}; AI Challenger uses 1 (visible), 2 (occluded), "
-                              f"3 (not labelled)")
-    bad = (vis != AIC_UNLABELLED) & (keypoints[..., :2] < 0).any(axis=-1)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: labelled joint {skeleton.joint_names[j]} has a "
-                              f"negative coordinate ({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
+    """The shared keypoint checks and the box order, as arrays; ``person(row)`` names a row."""
+    check_keypoint_values(keypoints, person, skeleton, AIC_VISIBILITY)
     bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bad.any():
         n = int(np.flatnonzero(bad)[0])
@@ -185,7 +166,7 @@ def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = Non
     """
     annotations = parse_ai_challenger(data, source, skeleton)
     file_vis = annotations.keypoints[..., 2]
-    vis = _TO_INTERNAL[file_vis.astype(np.intp)]
+    vis = AIC_VISIBILITY.to_internal(file_vis)
     labelled = vis > VIS_UNLABELLED
     keypoints = np.concatenate([np.where(labelled[..., None], annotations.keypoints[..., :2], 0.0),
                                 vis[..., None]], axis=-1).astype(np.float32)
@@ -245,7 +226,7 @@ def to_ai_challenger_json(records: Sequence[ImageRecord], boxes: bool = True) ->
     """
     if not records:
         return []
-    keypoints = keypoint_lists(np.concatenate([r.keypoints for r in records]), _TO_FILE)
+    keypoints = keypoint_lists(np.concatenate([r.keypoints for r in records]), AIC_VISIBILITY)
     all_boxes = json_numbers(np.concatenate([r.boxes for r in records]))
     entries, start = [], 0
     for record in records:

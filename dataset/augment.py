@@ -1,6 +1,6 @@
 """Training augmentation with imgaug, in network space after the letterbox.
 
-Order of a training sample: decode -> letterbox to the network size (``utils/letterbox.py``, the
+Order of a training sample: decode -> letterbox to the network size (``dataset/letterbox.py``, the
 same call as at test time) -> this module -> SPR targets. Augmenting *after* the letterbox keeps
 one letterbox function for training and testing and makes every range relative to the network
 input: ``translate_frac`` is a fraction of the input size, ``scale`` zooms the letterboxed
@@ -36,10 +36,13 @@ import dataclasses
 import threading
 from typing import Optional
 
+import imgaug.augmenters as iaa
 import numpy as np
+from imgaug.augmentables.bbs import BoundingBoxesOnImage
+from imgaug.augmentables.kps import KeypointsOnImage
+from imgaug.augmentables.segmaps import SegmentationMapsOnImage
 
-from config.skeletons import Skeleton
-from dataset.records import VIS_UNLABELLED
+from config.skeletons import VIS_UNLABELLED, Skeleton
 
 
 def unlabel_outside(keypoints: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -75,8 +78,6 @@ class Augmenter:
     """imgaug augmentation of a letterboxed training sample (see the module docstring)."""
 
     def __init__(self, aug_cfg, skeleton: Skeleton):
-        import imgaug.augmenters as iaa
-
         a = aug_cfg
         t = a.translate_frac
         geometric = iaa.Affine(scale=(a.scale_min, a.scale_max), rotate=(-a.rotation_deg, a.rotation_deg),
@@ -111,10 +112,6 @@ class Augmenter:
             seed: any integer; the same seed gives the same augmentation.
             mask: optional bool [H, W] ignore mask, transformed like the image (nearest).
         """
-        from imgaug.augmentables.bbs import BoundingBoxesOnImage
-        from imgaug.augmentables.kps import KeypointsOnImage
-        from imgaug.augmentables.segmaps import SegmentationMapsOnImage
-
         H, W = image.shape[:2]
         keypoints = np.asarray(keypoints, np.float32)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)

@@ -33,19 +33,16 @@ import numpy as np
 from pycocotools.coco import COCO as CocoIndex
 
 from config.skeletons import COCO, Skeleton
-from dataset.errors import (AnnotationError, json_numbers, keypoint_lists,
+from config.skeletons import VIS_UNLABELLED
+from dataset.errors import (AnnotationError, check_keypoint_values, json_numbers, keypoint_lists,
                             keypoint_value_names, load_json, number_rows, require_keys, where)
-from dataset.records import COCO_TO_INTERNAL, INTERNAL_TO_COCO, VIS_UNLABELLED, ImageRecord, ReadStats
+from dataset.records import COCO_VISIBILITY, ImageRecord, ReadStats
 
 logger = logging.getLogger(__name__)
 
 PERSON_CATEGORY = "person"
-COCO_VISIBILITY_VALUES = tuple(sorted(COCO_TO_INTERNAL))   # (0, 1, 2)
 BBOX_VALUE_NAMES = ("x", "y", "width", "height")
 
-_TO_INTERNAL = np.array([COCO_TO_INTERNAL[v] for v in range(len(COCO_TO_INTERNAL))], np.float32)
-_VISIBILITY_VALUES = np.array(COCO_VISIBILITY_VALUES, np.float64)
-_TO_FILE = np.array([INTERNAL_TO_COCO[v] for v in range(len(INTERNAL_TO_COCO))], np.int64)
 
 
 def read_coco(json_path: str, image_dir: Optional[str] = None,
@@ -98,7 +95,7 @@ def coco_records(data: Any, source: str, image_dir: Optional[str] = None,
     people = np.flatnonzero(~crowd)               # rows of anns that may be people of the record
     keypoints = _read_keypoints([anns[row] for row in people], lambda k: label(people[k]), skeleton)
 
-    vis = _TO_INTERNAL[keypoints[..., 2].astype(np.intp)]
+    vis = COCO_VISIBILITY.to_internal(keypoints[..., 2])
     labelled = vis > VIS_UNLABELLED
     keypoints = np.concatenate([np.where(labelled[..., None], keypoints[..., :2], 0.0),
                                 vis[..., None]], axis=-1).astype(np.float32)
@@ -177,7 +174,7 @@ def _read_keypoints(anns: Sequence[Dict[str, Any]], label: Callable[[int], str],
     keypoints = number_rows([ann["keypoints"] for ann in anns], 3 * num_joints,
                             lambda r: f"{label(r)}: keypoints", keypoint_value_names(skeleton.joint_names))
     keypoints = keypoints.reshape(len(anns), num_joints, 3)
-    _check_values(keypoints, label, skeleton)
+    check_keypoint_values(keypoints, label, skeleton, COCO_VISIBILITY)
     return keypoints
 
 
@@ -239,22 +236,6 @@ def _where(source: str, image_id: Any, ann_id: Any) -> str:
     return f"{where(source, image_id)}, annotation {ann_id!r}"
 
 
-def _check_values(keypoints: np.ndarray, person: Callable[[int], str], skeleton: Skeleton) -> None:
-    """Visibility set and non-negative labelled coordinates, checked as arrays; ``person(row)``
-    names a row in the message."""
-    vis = keypoints[..., 2]
-    bad = ~(vis[..., None] == _VISIBILITY_VALUES).any(axis=-1)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: {skeleton.joint_names[j]} has visibility {vis[n, j]:g}; "
-                              f"COCO uses 0 (not labelled), 1 (occluded), 2 (visible)")
-    bad = (vis != INTERNAL_TO_COCO[VIS_UNLABELLED]) & (keypoints[..., :2] < 0).any(axis=-1)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: labelled joint {skeleton.joint_names[j]} has a "
-                              f"negative coordinate ({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
-
-
 def _region(ann: Dict[str, Any], xywh: Sequence[float]) -> Any:
     """The annotation's segmentation (polygons or RLE), or its box as a polygon when it has none."""
     segmentation = ann.get("segmentation")
@@ -301,7 +282,7 @@ def to_coco_json(records: Sequence[ImageRecord], image_ids: Sequence[int], file_
         for n, (owner, bbox, area, num_keypoints, values, polygon) in enumerate(zip(
             owners, json_numbers(xywh), json_numbers(xywh[:, 2] * xywh[:, 3]),
             (keypoints[..., 2] > VIS_UNLABELLED).sum(axis=1).tolist(),
-            keypoint_lists(keypoints, _TO_FILE), json_numbers(polygons)))]
+            keypoint_lists(keypoints, COCO_VISIBILITY), json_numbers(polygons)))]
     category = {"id": 1, "name": PERSON_CATEGORY, "supercategory": PERSON_CATEGORY,
                 "keypoints": list(skeleton.joint_names),
                 "skeleton": [[p + 1, c + 1] for p, c in skeleton.limbs]}

@@ -50,6 +50,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from config.skeletons import AI_CHALLENGER, COCO, Skeleton, joint_mapping
 from dataset.ai_challenger import IMAGE_EXTENSION, ai_challenger_records, to_ai_challenger_json
@@ -168,8 +169,6 @@ def image_sizes_from_dir(image_ids: Sequence[str], image_dir: str,
     PIL reads only the header, so this takes milliseconds per image rather than a full decode.
     Raises FileNotFoundError naming the first missing image, ValueError for an unreadable one.
     """
-    from PIL import Image, UnidentifiedImageError   # Pillow comes with imaug
-
     sizes = {}
     for image_id in image_ids:
         path = os.path.join(image_dir, image_id + extension)

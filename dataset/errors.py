@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dataset.records import VIS_UNLABELLED
+from config.skeletons import VIS_UNLABELLED, Skeleton
+from dataset.records import VisibilityCode
 
 
 class AnnotationError(ValueError):
@@ -149,19 +150,37 @@ def json_numbers(values: np.ndarray, decimals: int = 3) -> list:
     return np.round(values, decimals).tolist()
 
 
-def keypoint_lists(keypoints: np.ndarray, to_file: np.ndarray) -> list:
+def check_keypoint_values(keypoints: np.ndarray, person: Callable[[int], str], skeleton: Skeleton,
+                          code: VisibilityCode) -> None:
+    """The value checks every format shares, as arrays over all people of a file: visibility in
+    the format's set and non-negative coordinates on labelled joints. ``keypoints`` is
+    [people, J, 3] as in the file; ``person(row)`` names a row in the message."""
+    vis = keypoints[..., 2]
+    bad = code.invalid(vis)
+    if bad.any():
+        n, j = np.argwhere(bad)[0]
+        raise AnnotationError(f"{person(n)}: {skeleton.joint_names[j]} has visibility {vis[n, j]:g}; "
+                              f"{code.format} uses {code.describe()}")
+    bad = (vis != code.unlabelled) & (keypoints[..., :2] < 0).any(axis=-1)
+    if bad.any():
+        n, j = np.argwhere(bad)[0]
+        raise AnnotationError(f"{person(n)}: labelled joint {skeleton.joint_names[j]} has a "
+                              f"negative coordinate ({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
+
+
+def keypoint_lists(keypoints: np.ndarray, code: VisibilityCode) -> list:
     """One flat ``[x, y, v] * J`` list per person, in a file's visibility convention.
 
     Args:
         keypoints: [people, J, 3] in the internal convention (``dataset/records.py``).
-        to_file: internal visibility -> file visibility, as an index table.
+        code: the file format's visibility code.
 
     Unlabelled joints are written at ``0, 0``; visibilities are ints, coordinates as
     :func:`json_numbers` (ints when every coordinate of ``keypoints`` is integral).
     """
     vis = keypoints[..., 2].astype(np.int64)
     xy = np.where((vis > VIS_UNLABELLED)[..., None], keypoints[..., :2], 0.0)
-    file_vis = to_file[vis]
+    file_vis = code.to_file(vis)
     rows = np.concatenate([xy, file_vis[..., None]], axis=-1).reshape(len(keypoints), -1)
     if np.array_equal(xy, np.round(xy)):
         return rows.astype(np.int64).tolist()

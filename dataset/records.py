@@ -4,7 +4,8 @@ Coordinates are continuous pixel coordinates of the original image: pixel column
 ``[i, i + 1)``, so an integer annotation ``x`` is the left edge of its pixel (imgaug's and
 ``tf.image.resize``'s convention; a resize by ``s`` maps ``x`` to ``s * x``).
 
-Visibility uses one internal convention, converted at the file edges by the readers and writers:
+Visibility uses one internal convention (``config/skeletons.py``), converted at the file edges by
+the readers and writers through the :class:`VisibilityCode` of each format:
 
 =================  ========  ==================  ==============
 meaning            internal  AI Challenger file  COCO file
@@ -24,15 +25,62 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-VIS_UNLABELLED = 0
-VIS_OCCLUDED = 1
-VIS_VISIBLE = 2
+from config.skeletons import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE
 
-# file value -> internal value
-AIC_TO_INTERNAL: Dict[int, int] = {1: VIS_VISIBLE, 2: VIS_OCCLUDED, 3: VIS_UNLABELLED}
-INTERNAL_TO_AIC: Dict[int, int] = {v: k for k, v in AIC_TO_INTERNAL.items()}
-COCO_TO_INTERNAL: Dict[int, int] = {0: VIS_UNLABELLED, 1: VIS_OCCLUDED, 2: VIS_VISIBLE}
-INTERNAL_TO_COCO: Dict[int, int] = {v: k for k, v in COCO_TO_INTERNAL.items()}
+_MEANING = {VIS_UNLABELLED: "not labelled", VIS_OCCLUDED: "occluded", VIS_VISIBLE: "visible"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisibilityCode:
+    """A file format's visibility values and their internal meaning (the table above).
+
+    Attributes:
+        format: the format's name, for messages.
+        to_internal_map: file value -> internal value.
+    """
+    format: str
+    to_internal_map: Dict[int, int]
+
+    @property
+    def values(self) -> Tuple[int, ...]:
+        """The file values the format allows, ascending."""
+        return tuple(sorted(self.to_internal_map))
+
+    def file_value(self, internal: int) -> int:
+        """The file's value of an internal visibility."""
+        return next(k for k, v in self.to_internal_map.items() if v == internal)
+
+    @property
+    def unlabelled(self) -> int:
+        return self.file_value(VIS_UNLABELLED)
+
+    @property
+    def visible(self) -> int:
+        return self.file_value(VIS_VISIBLE)
+
+    def describe(self) -> str:
+        """``1 (visible), 2 (occluded), 3 (not labelled)``: the allowed values, for messages."""
+        return ", ".join(f"{v} ({_MEANING[self.to_internal_map[v]]})" for v in self.values)
+
+    def invalid(self, file_vis: np.ndarray) -> np.ndarray:
+        """bool mask of the entries of ``file_vis`` outside the format's set."""
+        return ~np.isin(file_vis, np.asarray(self.values, np.float64))
+
+    def to_internal(self, file_vis: np.ndarray) -> np.ndarray:
+        """Internal visibility (float32) of valid file values."""
+        table = np.zeros(max(self.values) + 1, np.float32)
+        for k, v in self.to_internal_map.items():
+            table[k] = v
+        return table[np.asarray(file_vis).astype(np.intp)]
+
+    def to_file(self, internal: np.ndarray) -> np.ndarray:
+        """File visibility (int64) of internal values."""
+        table = np.array([self.file_value(v) for v in range(len(self.to_internal_map))], np.int64)
+        return table[np.asarray(internal).astype(np.intp)]
+
+
+AIC_VISIBILITY = VisibilityCode("AI Challenger", {1: VIS_VISIBLE, 2: VIS_OCCLUDED, 3: VIS_UNLABELLED})
+COCO_VISIBILITY = VisibilityCode("COCO", {0: VIS_UNLABELLED, 1: VIS_OCCLUDED, 2: VIS_VISIBLE})
 
 
 @dataclasses.dataclass

@@ -44,7 +44,10 @@ import cv2
 import numpy as np
 
 from config.skeletons import Skeleton, get_skeleton
-from dataset.records import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE, ImageRecord
+from dataset.ai_challenger import to_ai_challenger_json
+from dataset.convert import aic_to_coco
+from config.skeletons import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE
+from dataset.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -542,9 +545,6 @@ def generate_synthetic_dataset(out_dir: str, num_train: int, num_val: int, seed:
         workers: rendering threads; 0 = one per CPU core (at most 8). The output does not
             depend on it.
     """
-    from dataset.ai_challenger import to_ai_challenger_json
-    from dataset.convert import aic_to_coco
-
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got train={num_train}, val={num_val}")
     workers = workers or min(os.cpu_count() or 1, 8)

@@ -30,7 +30,7 @@ Displacements (``disp_loss``)
 ``sum disp_weight * rho(d_pred - d_target)`` with ``rho = |x|`` (``l1``, paper) or the smooth
 L1 ``rho(x) = x^2 / (2 k)`` for ``|x| < k``, ``|x| - k / 2`` beyond, ``k = smooth_l1_beta``:
 value and slope are continuous at the knee (``k / 2`` and 1). Displacements are in normalised
-units (``/ Z``, ``Z`` the output-map diagonal, utils/spr.py), so ``k = 0.01`` is about 0.9 output
+units (``/ Z``, ``Z`` the output-map diagonal, nets/spr.py), so ``k = 0.01`` is about 0.9 output
 pixels on a 64x64 map and 1.8 on 128x128.
 
 The weight beta = 0.01 on displacements (paper)

@@ -183,7 +183,7 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
             raise ValueError(f"{path}: not a readable .npz state_dict ({e})") from None
     if path.endswith((".pth", ".pt", ".pth.tar")):
         try:
-            import torch
+            import torch  # optional dependency: needed only for .pth checkpoints
         except ImportError:
             raise ValueError(f"{path}: reading a PyTorch checkpoint needs the torch package; "
                              f"install it, or save the state_dict as .npz with NumPy "

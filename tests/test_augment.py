@@ -7,7 +7,7 @@ import numpy as np
 from config import get_preset
 from config.config import AugmentConfig
 from dataset.augment import Augmenter
-from dataset.records import VIS_UNLABELLED, VIS_VISIBLE
+from config.skeletons import VIS_UNLABELLED, VIS_VISIBLE
 
 CFG = get_preset("tiny_synthetic")
 SKELETON = CFG.skeleton

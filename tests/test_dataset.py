@@ -11,10 +11,10 @@ import tensorflow as tf
 from config import get_preset
 from dataset import synthetic
 from dataset.ai_challenger import read_ai_challenger
-from dataset.dataset import InputPipeline, load_records
-from dataset.records import VIS_UNLABELLED
-from utils.letterbox import letterbox_image, letterbox_params, to_network
-from utils.spr import decode
+from dataset.pipeline import InputPipeline, load_records
+from config.skeletons import VIS_UNLABELLED
+from dataset.letterbox import letterbox_image, letterbox_params, to_network
+from nets.spr import decode
 
 SIZE = 128      # network input; output maps 32 x 32
 

@@ -18,10 +18,10 @@ def run_dir(tmp_path_factory):
 
 
 def _python_path(run_dir, image):
-    from utils import inference
+    from utils import predict
 
-    model, cfg = inference.load_trained_model(run_dir)
-    prediction, = inference.predict_images(inference.Predictor(model, cfg), [image])
+    model, cfg = predict.load_trained_model(run_dir)
+    prediction, = predict.predict_images(predict.Predictor(model, cfg), [image])
     return prediction, cfg
 
 
@@ -31,9 +31,9 @@ def _image(h, w, seed=1):
 
 def test_saved_model_matches_python_path(run_dir, tmp_path):
     import tensorflow as tf
-    from utils import export, inference
+    from utils import export, predict
 
-    model, cfg = inference.load_trained_model(run_dir)
+    model, cfg = predict.load_trained_model(run_dir)
     out = export.export_saved_model(model, cfg, str(tmp_path / "sm"))
     serve = tf.saved_model.load(out).signatures[export.SIGNATURE]
     for h, w in [(64, 64), (50, 90)]:
@@ -49,7 +49,7 @@ def test_saved_model_matches_python_path(run_dir, tmp_path):
         else:   # the in-graph resize interpolates a little differently from OpenCV's
             assert np.all(np.isfinite(got["poses"][:n]))
             # roots are output-cell centres mapped back through the same letterbox
-            from utils.letterbox import letterbox_params, to_network
+            from dataset.letterbox import letterbox_params, to_network
 
             cells = to_network(got["roots"][:n], letterbox_params(h, w, 64, 64)) / 4 - 0.5
             np.testing.assert_allclose(cells, np.round(cells), atol=1e-3)
@@ -58,9 +58,9 @@ def test_saved_model_matches_python_path(run_dir, tmp_path):
 
 def test_tflite_matches_python_path(run_dir, tmp_path):
     import tensorflow as tf
-    from utils import export, inference
+    from utils import export, predict
 
-    model, cfg = inference.load_trained_model(run_dir)
+    model, cfg = predict.load_trained_model(run_dir)
     path = str(tmp_path / "spm.tflite")
     meta = export.export_tflite(model, cfg, path)
     assert json.load(open(path + ".json"))["decoder_inside"] == meta["decoder_inside"]
@@ -76,7 +76,7 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
         poses = next(v for k, v in outs.items() if v.ndim == 4 and v.shape[-1] == 2)
         np.testing.assert_allclose(poses[0, :len(want.poses)], want.poses, rtol=1e-4, atol=1e-2)
     else:
-        from utils.spr import decode
+        from nets.spr import decode
 
         root = next(v for v in outs.values() if v.shape[-1] == 1)
         disp = next(v for v in outs.values() if v.shape[-1] == 2 * cfg.skeleton.num_joints)
@@ -85,7 +85,7 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
 
 
 def test_checkpoint_of_another_skeleton_is_refused(run_dir):
-    from utils import inference
+    from utils import predict
 
     with pytest.raises(ValueError, match="ai_challenger skeleton .* need the coco skeleton"):
-        inference.load_trained_model(run_dir, expect_skeleton="coco")
+        predict.load_trained_model(run_dir, expect_skeleton="coco")

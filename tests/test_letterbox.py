@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from utils.letterbox import letterbox_image, letterbox_params, letterbox_tf, to_network, to_original
+from dataset.letterbox import letterbox_image, letterbox_params, letterbox_tf, to_network, to_original
 
 
 @pytest.mark.parametrize("h, w", [(480, 640), (640, 480), (333, 1001), (512, 512), (100, 60)])

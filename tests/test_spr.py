@@ -1,4 +1,4 @@
-"""SPR encoder and decoder (utils/spr.py): targets by hand, exact round trips, edge cases.
+"""SPR encoder and decoder (nets/spr.py): targets by hand, exact round trips, edge cases.
 
 Small maps (64x64 or 128x128 input, stride 4) keep TensorFlow fast. Expected values are worked
 out by hand from the conventions in the module docstring, or are the input keypoints themselves.
@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from config import SprConfig, get_skeleton
 from conftest import AIC_ANNOTATIONS
-from utils import spr
+from nets import spr
 
 SK = get_skeleton("ai_challenger")
 J = SK.num_joints
@@ -323,23 +323,13 @@ def test_bad_input_is_refused():
         spr.decode(tf.zeros([1, 16, 16, 1]), tf.zeros([1, 16, 16, 10]), SK, cfg)
 
 
-def test_prediction_records():
-    poses = np.arange(2 * J * 2, dtype=np.float64).reshape(2, J, 2) + 0.25
-    rec = spr.aic_prediction("abc", poses)
-    assert rec["image_id"] == "abc" and list(rec["keypoint_annotations"]) == ["human1", "human2"]
-    assert rec["keypoint_annotations"]["human2"][:6] == [28.25, 29.25, 1.0, 30.25, 31.25, 1.0]
-    res = spr.coco_results(7, poses[:1], np.array([0.5]))
-    assert res[0]["image_id"] == 7 and res[0]["category_id"] == 1 and res[0]["score"] == 0.5
-    assert len(res[0]["keypoints"]) == 3 * J and res[0]["keypoints"][3:6] == [2.25, 3.25, 1.0]
-
-
 # ----------------------------------------------------------------------------- real annotations
 
 def test_round_trip_on_real_ai_challenger_people():
     """Default SprConfig at 512x512 on the 1000 real images: nearly every person comes back exactly."""
     from dataset.ai_challenger import read_ai_challenger
     from dataset.convert import estimate_image_sizes
-    from utils.letterbox import letterbox_params, to_network
+    from dataset.letterbox import letterbox_params, to_network
 
     cfg = SprConfig()
     records, _ = read_ai_challenger(AIC_ANNOTATIONS)

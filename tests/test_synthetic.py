@@ -9,7 +9,7 @@ import pytest
 from config import get_preset, get_skeleton
 from dataset import synthetic
 from dataset.ai_challenger import read_ai_challenger
-from dataset.records import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE
+from config.skeletons import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE
 
 SKELETON = get_skeleton("ai_challenger")
 

@@ -30,7 +30,7 @@ def tiny_config(run_dir: str = "", **overrides):
 def fixed_batch(cfg, size: int, seed: int = 0):
     """A deterministic batch (images float32 [size, H, W, 3], SPR targets) of drawn people."""
     import cv2
-    from utils.spr import encode
+    from nets.spr import encode
 
     rng = np.random.default_rng(seed)
     h, w = cfg.data.input_height, cfg.data.input_width
@@ -75,7 +75,7 @@ class _NoSkips:
 
 
 class FixedPipeline:
-    """Stands in for dataset.dataset.InputPipeline: the same global batch forever.
+    """Stands in for dataset.pipeline.InputPipeline: the same global batch forever.
 
     Under a strategy each input pipeline yields its replicas' rows of the global batch (per-replica
     batches, as InputPipeline.dataset(input_context=...) does).

@@ -1,7 +1,8 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,model,pipeline,decode,infer} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer} [options]``.
 
-Each subcommand lives in the library module that owns what it measures; this script only
-dispatches. Every subcommand prints its findings and, as its last line, one JSON object.
+The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
+library, never imported by it); this script only dispatches. Every subcommand prints its
+findings and, as its last line, one JSON object.
 """
 
 import importlib
@@ -10,13 +11,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SUBCOMMANDS = {
-    "oracle": ("utils.spr_benchmark", "encode-decode round trip of ground truth, scored officially"),
-    "decode": ("utils.spr_benchmark", "decoder ms per image on realistic noisy maps"),
-    "model": ("nets.benchmark", "parameters, conv MACs, forward and train-step time"),
-    "pipeline": ("dataset.benchmark", "images/s through the training input pipeline"),
-    "infer": ("utils.inference", "end-to-end images/s of model_val"),
+    "oracle": ("tools.benchmarks.spr", "encode-decode round trip of ground truth, scored officially"),
+    "decode": ("tools.benchmarks.spr", "decoder ms per image on realistic noisy maps"),
+    "model": ("tools.benchmarks.model", "parameters, conv MACs, forward and train-step time"),
+    "pipeline": ("tools.benchmarks.pipeline", "images/s through the training input pipeline"),
+    "infer": ("tools.benchmarks.infer", "end-to-end images/s of model_val"),
 }
 
 
@@ -27,6 +29,7 @@ def main(argv=None):
         for name, (_, what) in SUBCOMMANDS.items():
             print(f"  {name:10s} {what}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # Imported on demand: each subcommand loads only what it measures (TensorFlow, the data set).
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     result = module.run_benchmark(argv[0], argv[1:])
     print(json.dumps(result, sort_keys=True))

@@ -3,7 +3,7 @@
     python3 tools/dataset_test.py --json val.json --images val/ --out /tmp/spr_look [--num 8]
         [--preset ai_challenger_w32_512] [--augmented --seed 3] [any config flag, e.g. --tau 5]
 
-Each image goes through the input pipeline (``dataset.dataset.InputPipeline.sample``: letterbox,
+Each image goes through the input pipeline (``dataset.pipeline.InputPipeline.sample``: letterbox,
 augmentation with ``--augmented``, SPR encoding), then the targets are decoded by the in-graph
 decoder. One PNG per image, three panels at network-input size (enlarged to at least 512 pixels):
 
@@ -26,19 +26,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from config.config import add_config_args, config_from_args  # noqa: E402
+from dataset.pipeline import ImageError, InputPipeline, load_records  # noqa: E402
+from nets import spr  # noqa: E402
+from utils import drawing  # noqa: E402
 
 GT_COLOR = (255, 255, 255)
 
 
 def render_sample(sample, cfg, decoder, scale: int = 1) -> np.ndarray:
     """The three panels of one prepared sample, side by side: uint8 RGB [sH, 3sW, 3]."""
-    import cv2
-    import tensorflow as tf
-
-    from utils import drawing, spr
 
     sk, t = cfg.skeleton, sample.targets
     root_t, disp_t = tf.constant(t["root"][None]), tf.constant(t["disp"][None])
@@ -93,8 +94,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> list:
-    from dataset.dataset import ImageError, InputPipeline, load_records
-    from utils import drawing, spr
 
     cfg = config_from_args(args)
     dataset = "coco" if cfg.data.dataset == "coco" else "ai_challenger"

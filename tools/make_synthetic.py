@@ -16,6 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset.synthetic import generate_synthetic_dataset  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
@@ -27,7 +29,6 @@ def main(argv=None) -> int:
                         help="rendering threads; 0 = one per core (the output does not depend on it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from dataset.synthetic import generate_synthetic_dataset
 
     start = time.time()
     try:

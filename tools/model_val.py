@@ -20,6 +20,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from dataset.ai_challenger import ai_challenger_records  # noqa: E402
+from dataset.coco import coco_records  # noqa: E402
+from dataset.errors import AnnotationError, load_json  # noqa: E402
+from utils import evaluation, predict  # noqa: E402
+
 
 def detect_format(data) -> str:
     if isinstance(data, list):
@@ -42,32 +47,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from dataset.errors import AnnotationError, load_json
-
     try:
         data = load_json(args.json)
         fmt = args.format or detect_format(data)
         if not os.path.isdir(args.images):
             raise FileNotFoundError(f"{args.images}: no such image folder")
         if fmt == "aic":
-            from dataset.ai_challenger import ai_challenger_records
-
             records, stats = ai_challenger_records(data, args.json, args.images)
         else:
-            from dataset.coco import coco_records
-
             records, stats = coco_records(data, args.json, args.images)
         if not records:
             raise ValueError(f"{args.json}: no images to predict")
 
-        from utils import inference
-
-        model, cfg = inference.load_trained_model(args.ckpt, args.config,
+        model, cfg = predict.load_trained_model(args.ckpt, args.config,
                                                   expect_skeleton="ai_challenger" if fmt == "aic" else "coco")
         cfg = cfg.replace(dataset="ai_challenger" if fmt == "aic" else "coco")
-        predictor = inference.Predictor(model, cfg, flip=args.flip)
+        predictor = predict.Predictor(model, cfg, flip=args.flip)
         start = time.time()
-        predictions, pipeline = inference.predict_records(predictor, records, args.batch_size, progress=True)
+        predictions, pipeline = predict.predict_records(predictor, records, args.batch_size, progress=True)
         seconds = time.time() - start
     except (AnnotationError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,7 +72,7 @@ def main(argv=None) -> int:
 
     if pipeline.skipped.count:
         print(f"warning: {pipeline.skipped.summary()}", file=sys.stderr)
-    out_records = inference.aic_predictions(predictions) if fmt == "aic" else inference.coco_predictions(predictions)
+    out_records = evaluation.aic_predictions(predictions) if fmt == "aic" else evaluation.coco_predictions(predictions)
     out = args.out or os.path.join(os.getcwd(), f"predictions_{fmt}.json")
     with open(out, "w") as f:
         json.dump(out_records, f)
@@ -87,10 +84,10 @@ def main(argv=None) -> int:
     if sum(r.num_people for r in records):
         ids = [r.image_id for r in records]
         if fmt == "aic":
-            scored = inference.score_aic(args.json, predictions, ids)
+            scored = evaluation.score_aic(args.json, predictions, ids)
             print(f"AI Challenger score: {scored['score']:.8f}")
         else:
-            scored = inference.score_coco(args.json, predictions, ids, verbose=True)
+            scored = evaluation.score_coco(args.json, predictions, ids, verbose=True)
         result.update(scored)
     print(json.dumps(result))
     return 0

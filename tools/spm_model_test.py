@@ -17,8 +17,14 @@ import os
 import sys
 import time
 
+import cv2
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from utils import predict  # noqa: E402
+from utils.drawing import draw_prediction  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -51,14 +57,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    import cv2
-    import numpy as np
-
     try:
         files = list_images(args.imgs) if args.imgs else None
         if args.video and not os.path.isfile(args.video):
             raise FileNotFoundError(f"{args.video}: no such video file")
-        from utils import inference
 
         overrides = {}
         if args.score is not None:
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
             overrides["input_height"] = args.netH
         if args.netW:
             overrides["input_width"] = args.netW
-        model, cfg = inference.load_trained_model(args.ckpt, args.config, overrides=overrides)
-        predictor = inference.Predictor(model, cfg, flip=args.flip)
+        model, cfg = predict.load_trained_model(args.ckpt, args.config, overrides=overrides)
+        predictor = predict.Predictor(model, cfg, flip=args.flip)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,9 +83,9 @@ def main(argv=None) -> int:
 
     def process(rgb):
         start = time.perf_counter()
-        prediction, = inference.predict_images(predictor, [rgb])
+        prediction, = predict.predict_images(predictor, [rgb])
         ms = (time.perf_counter() - start) * 1000
-        drawn = inference.draw_prediction(prediction, cfg, rgb)
+        drawn = draw_prediction(rgb, prediction, cfg.skeleton)
         return drawn, len(prediction.poses), ms
 
     latencies = []

@@ -48,7 +48,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from config.skeletons import AI_CHALLENGER
-from dataset.ai_challenger import AIC_VISIBLE, parse_ai_challenger
+from dataset.ai_challenger import parse_ai_challenger
+from dataset.records import AIC_VISIBILITY
 from dataset.errors import AnnotationError, keypoint_value_names, load_json, number_rows, where
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -117,7 +118,7 @@ def load_reference(ref: Union[List[Any], AicReference], source: str = "reference
     scale = ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).astype(np.float32)
     scale_plus_one = scale.astype(np.float64) + 1
     xy = annotations.keypoints[..., :2]
-    visible = annotations.keypoints[..., 2] == AIC_VISIBLE
+    visible = annotations.keypoints[..., 2] == AIC_VISIBILITY.visible
     images = {}
     for i, image_id in enumerate(annotations.image_ids):
         rows = annotations.people(i)

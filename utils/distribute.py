@@ -75,6 +75,7 @@ def make_strategy(cpu_replicas: int = 0, environ: Optional[MutableMapping[str, s
     - ``cpu_replicas`` N > 0: MirroredStrategy over N logical CPU devices (tests, no GPU needed).
     - otherwise: MirroredStrategy over every visible GPU (see :func:`select_gpus`), or the CPU.
     """
+    # TensorFlow is imported here so that select_gpus() runs without it (before GPU selection).
     import tensorflow as tf
 
     if tf_config_task(environ) is not None:

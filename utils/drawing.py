@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from config.skeletons import ROOT, Skeleton
+from dataset.letterbox import letterbox_image, letterbox_params
 
 _SHIFT = 4                 # OpenCV sub-pixel bits
 _ONE = 1 << _SHIFT
@@ -119,7 +120,7 @@ def draw_displacement_chains(image: np.ndarray, root, pose: np.ndarray, parents:
     Args:
         root: (x, y) of the root.
         pose: [J, 2] joint positions.
-        parents: the anchor of each joint (``utils.spr.anchor_parents``: ``ROOT`` or a joint), so
+        parents: the anchor of each joint (``nets.spr.anchor_parents``: ``ROOT`` or a joint), so
             the arrows run root -> level-1 joints -> ... for the hierarchical reading.
         labelled: bool [J]; arrows to joints that are False are left out.
     """
@@ -127,6 +128,32 @@ def draw_displacement_chains(image: np.ndarray, root, pose: np.ndarray, parents:
     keep = np.ones(len(pose), bool) if labelled is None else np.asarray(labelled, bool)
     starts = np.array([root if p == ROOT else pose[p] for p in parents], np.float64)
     return draw_arrows(image, starts[keep], pose[keep], color)
+
+
+def draw_prediction(image: np.ndarray, prediction, skeleton: Skeleton) -> np.ndarray:
+    """A copy of ``image`` with a prediction's skeletons, roots and scores drawn; ``prediction``
+    has ``poses`` [n, J, 2], ``scores`` [n] and ``roots`` [n, 2] in the image's pixels
+    (:class:`utils.predict.Prediction`)."""
+    return draw_poses(image.copy(), prediction.poses, skeleton, scores=prediction.scores,
+                      roots=prediction.roots)
+
+
+def pad_to(image: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+    """``image`` in the top-left corner of a black ``hw`` canvas."""
+    out = np.zeros((hw[0], hw[1], 3), np.uint8)
+    out[:image.shape[0], :image.shape[1]] = image
+    return out
+
+
+def prediction_grid(pictures: Sequence[np.ndarray], columns: int = 3, cell: int = 320) -> np.ndarray:
+    """Tile pictures (each letterboxed into a ``cell`` square) into one uint8 RGB image."""
+    tiles = [letterbox_image(p, letterbox_params(p.shape[0], p.shape[1], cell, cell)) for p in pictures]
+    rows = (len(tiles) + columns - 1) // columns
+    grid = np.zeros((rows * cell, columns * cell, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = t
+    return grid
 
 
 def save_rgb(path: str, image: np.ndarray) -> str:

@@ -2,13 +2,13 @@
 
 SavedModel (``serving_default``): ``image`` uint8 ``[H, W, 3]`` RGB of any size ->
 ``poses`` float32 ``[K, J, 2]`` (original image pixels), ``scores`` float32 ``[K]``, ``roots``
-float32 ``[K, 2]`` and ``num_people`` int32 ``[]``. The letterbox (``utils.letterbox.letterbox_tf``,
+float32 ``[K, 2]`` and ``num_people`` int32 ``[]``. The letterbox (``dataset.letterbox.letterbox_tf``,
 the same geometry as training), the network, the SPR decoder and the mapping back to the image
 all run inside the graph; the first ``num_people`` slots hold the people, by decreasing score.
 
 TFLite: the network and the decoder on a letterboxed float32 ``[1, H, W, 3]`` image (0..255),
 returning poses in network-input pixels; the letterbox stays outside (TFLite has no
-anti-aliased resize), done with ``utils.letterbox`` exactly as the Python path does. When the
+anti-aliased resize), done with ``dataset.letterbox`` exactly as the Python path does. When the
 decoder cannot be converted, the file holds the network alone (``root``, ``disp``) and
 ``decoder_inside`` in the metadata JSON says so.
 """
@@ -19,17 +19,19 @@ import json
 import os
 from typing import Dict
 
+import keras
+import tensorflow as tf
+
 from config import Config
+from dataset.letterbox import letterbox_tf
+from nets.spr import decode
+from utils.predict import network_maps
 
 SIGNATURE = "serving_default"
 
 
 def build_serving_module(model, cfg: Config, flip: bool = False):
     """A tf.Module whose ``serve(image)`` is the exported signature (module docstring)."""
-    import tensorflow as tf
-    from utils.letterbox import letterbox_tf
-    from utils.spr import decode, flip_maps
-
     skeleton, spr = cfg.skeleton, cfg.spr
     H, W = cfg.data.input_height, cfg.data.input_width
 
@@ -42,14 +44,7 @@ def build_serving_module(model, cfg: Config, flip: bool = False):
         def serve(self, image):
             tf.debugging.assert_positive(tf.size(image), message="empty image")
             x, params = letterbox_tf(image, H, W)
-            x = x[None]
-            out = self.model(x, training=False)
-            root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
-            if flip:
-                out_f = self.model(tf.reverse(x, axis=[2]), training=False)
-                root_f, disp_f = flip_maps(tf.cast(out_f["root"], tf.float32),
-                                           tf.cast(out_f["disp"], tf.float32), skeleton)
-                root, disp = (root + root_f) / 2.0, (disp + disp_f) / 2.0
+            root, disp = network_maps(self.model, x[None], skeleton, flip)
             dec = decode(root, disp, skeleton, spr)
             scale, pad = params[:2], params[2:]
             valid = tf.sequence_mask(dec.num_people, spr.max_people)[0]
@@ -62,8 +57,6 @@ def build_serving_module(model, cfg: Config, flip: bool = False):
 
 
 def export_saved_model(model, cfg: Config, out_dir: str, flip: bool = False) -> str:
-    import tensorflow as tf
-
     module = build_serving_module(model, cfg, flip)
     tf.saved_model.save(module, out_dir, signatures={SIGNATURE: module.serve})
     cfg.save(out_dir)
@@ -72,10 +65,6 @@ def export_saved_model(model, cfg: Config, out_dir: str, flip: bool = False) -> 
 
 def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
     """Write ``path`` (.tflite) and ``path + '.json'`` (metadata); returns the metadata."""
-    import keras
-    import tensorflow as tf
-    from utils.spr import decode
-
     H, W = cfg.data.input_height, cfg.data.input_width
 
     class SprDecode(keras.layers.Layer):
@@ -103,7 +92,7 @@ def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
         blob = convert(keras.Model(images, maps))
         meta["decoder_inside"] = False
         meta["decoder_error"] = str(e).strip().splitlines()[0][:300]
-        meta["outputs"] = "root [1,h,w,1], disp [1,h,w,2J]; decode them with utils.spr.decode"
+        meta["outputs"] = "root [1,h,w,1], disp [1,h,w,2J]; decode them with nets.spr.decode"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(blob)

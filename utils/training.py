@@ -33,10 +33,14 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-import tensorflow as tf
 import keras
+import tensorflow as tf
 
-from config import Config
+from config import Config, load_config
+from dataset.pipeline import InputPipeline
+from nets.losses import spm_loss
+from nets.spm_model import build_spm_model, load_backbone_weights
+from utils.evaluation import Evaluator, save_prediction_picture
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +161,8 @@ class Trainer:
         strategy: a tf.distribute strategy; None = the default (one device).
         run_dir: where checkpoints, logs and pictures go; resumes from it when it holds a run.
         evaluate_fn: ``(model, cfg) -> dict`` with at least ``score``; None = the default
-            evaluation (utils.inference.evaluate_model on the validation set).
-        pipeline: the training input (``dataset.dataset.InputPipeline``: ``len()``,
+            evaluation (utils.evaluation.Evaluator on the validation set).
+        pipeline: the training input (``dataset.pipeline.InputPipeline``: ``len()``,
             ``dataset(input_context=..., repeat=True)`` yielding per-replica batches, ``skipped``);
             None = the configured training split.
     """
@@ -167,8 +171,6 @@ class Trainer:
                  run_dir: Optional[str] = None,
                  evaluate_fn: Optional[Callable[[keras.Model, Config], Dict[str, Any]]] = None,
                  pipeline=None):
-        from nets.spm_model import build_spm_model
-
         self.cfg = cfg
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
@@ -180,8 +182,6 @@ class Trainer:
         self._check_run_dir_config()
 
         if pipeline is None:
-            from dataset.dataset import InputPipeline
-
             pipeline = InputPipeline(cfg, "train")
         self.pipeline = pipeline
         self.num_examples = len(pipeline)
@@ -221,8 +221,6 @@ class Trainer:
 
     def _check_run_dir_config(self):
         """Refuse to resume a run directory that holds a different network or skeleton."""
-        from config import load_config
-
         path = os.path.join(self.run_dir, "config.json")
         if os.path.exists(path):
             old = load_config(path)
@@ -247,8 +245,6 @@ class Trainer:
             log.info("resumed from %s at epoch %d, step %d", latest, int(self.epoch.numpy()),
                      int(self.step.numpy()))
             return latest
-        from nets.spm_model import load_backbone_weights
-
         if self.cfg.train.finetune:
             self.model.load_weights(self.cfg.train.finetune)
             log.info("fine-tuning from %s", self.cfg.train.finetune)
@@ -258,8 +254,6 @@ class Trainer:
         return None
 
     def _make_train_step(self):
-        from nets.losses import spm_loss
-
         cfg, model, opt = self.cfg, self.model, self.optimizer
         global_batch = self.global_batch
         clip = cfg.train.grad_clip_norm
@@ -374,8 +368,6 @@ class Trainer:
         if self.is_chief:
             self.model.save_weights(os.path.join(self.run_dir, FINAL_WEIGHTS))
             if self.evaluate_fn is None:
-                from utils.inference import save_prediction_picture
-
                 path = save_prediction_picture(self.model, self.cfg, os.path.join(self.run_dir, PICTURE))
                 log.info("predictions on validation images: %s", path)
         self.writer.flush()
@@ -395,8 +387,6 @@ class Trainer:
         if self.evaluate_fn is not None:
             return self.evaluate_fn(self.model, self.cfg)
         if self._evaluator is None:
-            from utils.inference import Evaluator
-
             self._evaluator = Evaluator(self.cfg)
         return self._evaluator(self.model, writer=self.writer if self.is_chief else None,
                                step=int(self.step.numpy()))

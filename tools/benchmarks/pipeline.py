@@ -1,6 +1,6 @@
 """``python3 tools/benchmark.py pipeline``: images/s through the training input pipeline.
 
-Measures the whole training pipeline of ``dataset/dataset.py`` (file read, JPEG decode,
+Measures the whole training pipeline of ``dataset/pipeline.py`` (file read, JPEG decode,
 letterbox, imgaug augmentation, SPR encoding, batching, float cast) on the synthetic data set
 (generated into the cache on first use), and, separately, the cost of each stage per image,
 timed one image at a time in this thread (OpenCV may still use its own threads), to show where
@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import time
 from typing import Dict, List
 
+import cv2
 import numpy as np
+
+from config import get_preset
+from dataset.letterbox import letterbox_image, letterbox_params, to_network
+from dataset.pipeline import InputPipeline
+from nets.spr import encode
 
 
 def _parse_hw(text: str):
@@ -30,10 +37,6 @@ def _parse_hw(text: str):
 
 def _stage_costs(pipeline, count: int) -> Dict[str, float]:
     """Mean ms per image of each stage, run one after another in this thread."""
-    import cv2
-
-    from utils.letterbox import letterbox_image, letterbox_params, to_network
-    from utils.spr import encode
 
     cfg = pipeline.cfg
     totals = {"read_file": 0.0, "decode_jpeg": 0.0, "letterbox": 0.0, "augment": 0.0,
@@ -80,12 +83,8 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
                         help="images for the per-stage timing (default 40)")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from config import get_preset
-    from dataset.dataset import InputPipeline
 
     h, w = args.input
     cfg = get_preset(args.preset).replace(

@@ -7,7 +7,7 @@ the skip counter and builds the datasets:
 
 * ``pipeline.dataset(batch_size=None, input_context=None, repeat=False)`` -> batches of
   ``(images, targets)``: ``images`` float32 RGB 0..255 ``[B, H, W, 3]``; ``targets`` the SPR
-  dict of ``utils/spr.py`` batched: ``root``, ``root_weight`` ``[B, h, w, 1]``, ``disp``,
+  dict of ``nets/spr.py`` batched: ``root``, ``root_weight`` ``[B, h, w, 1]``, ``disp``,
   ``disp_weight`` ``[B, h, w, 2J]``. Training shuffles the records anew every epoch, augments
   and drops the last partial batch; validation does neither.
 * ``pipeline.eval_dataset(batch_size=None)`` -> batches of ``(images, info)`` for evaluation:
@@ -16,7 +16,7 @@ the skip counter and builds the datasets:
   ``letterbox_tf``) and ``info["image_hw"]`` int32 ``[B, 2]``, the decoded image size. A
   network-input point maps back to the original image as ``x = (x' - pad_x) / sx``,
   ``y = (y' - pad_y) / sy``; or rebuild the ``Letterbox`` with
-  ``letterbox_params(h, w, H, W)`` and use ``utils.spr.poses_to_original``.
+  ``letterbox_params(h, w, H, W)`` and use ``dataset.letterbox.to_original``.
 * ``pipeline.sample(index, seed)`` -> :class:`Sample`: the same work for one record in plain
   Python (what the dataset maps over; used by tests and for looking at the data).
 * ``load_records(cfg, split)`` and ``split_paths(cfg, split)`` give the records and the
@@ -25,9 +25,6 @@ the skip counter and builds the datasets:
   unreadable, corrupt JPEG, size differing from the annotation). A bad image is skipped with a
   warning (once per file) and counted; it never ends an epoch. Read ``skipped.count`` /
   ``skipped.summary()`` from the training loop.
-
-``get_dataset(cfg, mode, ...)`` and ``get_eval_dataset(cfg, ...)`` are shortcuts building the
-pipeline and returning ``(dataset, pipeline)``.
 
 Batch size and distribution strategies
 --------------------------------------
@@ -73,10 +70,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+import tensorflow as tf
+from pycocotools import mask as mask_utils
 
 from config.skeletons import Skeleton
+from dataset.ai_challenger import read_ai_challenger
+from dataset.augment import Augmenter, unlabel_outside
+from dataset.coco import read_coco
+from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
 from dataset.records import ImageRecord, ReadStats
-from utils.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
+from dataset.synthetic import ensure_synthetic_dataset
+from nets.spr import encode
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,6 @@ def split_paths(cfg, split: str) -> Tuple[str, str]:
     if split not in MODES:
         raise ValueError(f"split must be one of {MODES}, got {split!r}")
     if d.dataset == "synthetic":
-        from dataset.synthetic import ensure_synthetic_dataset
-
         paths = ensure_synthetic_dataset(cfg)
         return getattr(paths, f"{split}_json"), getattr(paths, f"{split}_images")
     json_path, image_dir = getattr(d, f"{split}_json"), getattr(d, f"{split}_images")
@@ -113,12 +115,8 @@ def load_records(cfg, split: str) -> Tuple[List[ImageRecord], ReadStats]:
     """Records of ``split`` (``train`` or ``val``, at most ``max_val_images`` for ``val``)."""
     json_path, image_dir = split_paths(cfg, split)
     if cfg.data.dataset == "coco":
-        from dataset.coco import read_coco
-
         records, stats = read_coco(json_path, image_dir, cfg.skeleton)
     else:
-        from dataset.ai_challenger import read_ai_challenger
-
         records, stats = read_ai_challenger(json_path, image_dir, cfg.skeleton)
     if split == "val" and cfg.data.max_val_images > 0:
         records = records[:cfg.data.max_val_images]
@@ -190,10 +188,13 @@ def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], O
     return image
 
 
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 RGB image of ``path``; ImageError naming the file when it cannot be used."""
+    return cv2.cvtColor(read_image(path), cv2.COLOR_BGR2RGB)
+
+
 def ignore_mask(regions: Sequence[Any], height: int, width: int) -> np.ndarray:
     """bool ``[height, width]``: union of COCO segmentations (polygons, RLE or compressed RLE)."""
-    from pycocotools import mask as mask_utils
-
     mask = np.zeros((height, width), bool)
     for seg in regions:
         if isinstance(seg, list):                              # polygons
@@ -217,7 +218,7 @@ class Sample:
         keypoints: float32 ``[N, J, 3]`` after letterbox and augmentation; joints outside the
             input are unlabelled, unlabelled joints are at (0, 0).
         boxes: float32 ``[N, 4]``.
-        targets: the SPR target dict of ``utils.spr.encode``.
+        targets: the SPR target dict of ``nets.spr.encode``.
         letterbox: the letterbox of the original image.
         flipped: whether augmentation mirrored the sample.
     """
@@ -254,8 +255,6 @@ class InputPipeline:
         self.skipped = SkipCounter()
         self.augmenter = None
         if mode == "train" and cfg.augment.augment:
-            from dataset.augment import Augmenter
-
             self.augmenter = Augmenter(cfg.augment, self.skeleton)
 
     def __len__(self) -> int:
@@ -273,9 +272,6 @@ class InputPipeline:
 
     def sample(self, index: int, seed: int = 0) -> Sample:
         """Prepare record ``index`` with augmentation ``seed``; ImageError when unusable."""
-        from dataset.augment import unlabel_outside
-        from utils.spr import encode
-
         image, lb, record = self._load(index)
         keypoints = record.keypoints.copy()
         keypoints[..., :2] = to_network(keypoints[..., :2], lb)
@@ -326,8 +322,6 @@ class InputPipeline:
 
     def element_indices_and_seeds(self, input_context=None, repeat: bool = False):
         """The ``(record index, augmentation seed)`` stream that :meth:`dataset` maps over."""
-        import tensorflow as tf
-
         d = self.cfg.data
         seed = d.seed if d.deterministic else None
         indices = tf.data.Dataset.range(len(self.records))
@@ -352,8 +346,6 @@ class InputPipeline:
             repeat: repeat forever (new order and augmentation every pass); otherwise one pass
                 per iteration of the dataset.
         """
-        import tensorflow as tf
-
         train = self.mode == "train"
         batch_size = int(batch_size or self.cfg.data.batch_size)
         h, w = self.input_hw
@@ -376,8 +368,6 @@ class InputPipeline:
 
     def eval_dataset(self, batch_size: Optional[int] = None):
         """Batches of ``(images, info)`` in record order, for evaluation (module docstring)."""
-        import tensorflow as tf
-
         batch_size = int(batch_size or self.cfg.data.batch_size)
         h, w = self.input_hw
 
@@ -399,8 +389,6 @@ class InputPipeline:
         return self._finish(ds, None)
 
     def _parallel(self) -> int:
-        import tensorflow as tf
-
         n = self.cfg.data.num_parallel_calls
         return tf.data.AUTOTUNE if n < 0 else max(1, n)
 
@@ -408,8 +396,6 @@ class InputPipeline:
         return {"num_parallel_calls": self._parallel(), "deterministic": bool(self.cfg.data.deterministic)}
 
     def _finish(self, ds, input_context):
-        import tensorflow as tf
-
         options = tf.data.Options()
         options.deterministic = bool(self.cfg.data.deterministic) or self.mode != "train"
         # Sharding is done on the record indices (input_context) or by elements (several workers
@@ -429,28 +415,7 @@ def _drop_ok(image, labels, ok):
 
 
 def _images_to_float(images, labels):
-    import tensorflow as tf
-
     return tf.cast(images, tf.float32), labels
 
 
 # ----------------------------------------------------------------------------- shortcuts
-
-def get_dataset(cfg, mode: str, batch_size: Optional[int] = None, input_context=None,
-                repeat: bool = False, records: Optional[Sequence[ImageRecord]] = None):
-    """``(dataset, pipeline)``: :meth:`InputPipeline.dataset` of a new pipeline over ``mode``.
-
-    ``len(pipeline)`` is the number of records; ``pipeline.skipped`` counts skipped images.
-    """
-    pipeline = InputPipeline(cfg, mode, records)
-    return pipeline.dataset(batch_size, input_context, repeat), pipeline
-
-
-def get_eval_dataset(cfg, batch_size: Optional[int] = None,
-                     records: Optional[Sequence[ImageRecord]] = None):
-    """``(dataset, pipeline)`` of the validation split for evaluation (:meth:`InputPipeline.eval_dataset`).
-
-    ``pipeline.records[index]`` is the record of each yielded ``info["index"]``.
-    """
-    pipeline = InputPipeline(cfg, "val", records)
-    return pipeline.eval_dataset(batch_size), pipeline

@@ -64,10 +64,9 @@ import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
 
-from config.skeletons import ROOT, Skeleton
-from dataset.records import VIS_UNLABELLED
-from utils.letterbox import Letterbox, to_original
+from config.skeletons import ROOT, VIS_UNLABELLED, Skeleton
 
 GAUSSIAN_TRUNCATE = 3.0    # root Gaussians are cut at 3 sigma: exp(-9) ~ 1.2e-4
 _TIE_EPS = 1e-7            # squared-distance tie-break by person index (output pixels^2)
@@ -263,8 +262,6 @@ def encode(keypoints: np.ndarray, boxes: np.ndarray, skeleton: Skeleton, spr_cfg
 
 def _map_hw(t):
     """(h, w) of a [B, h, w, C] tensor: Python ints when static, scalar tensors otherwise."""
-    import tensorflow as tf
-
     dyn = tf.shape(t)
     h = t.shape[1] if t.shape[1] is not None else dyn[1]
     w = t.shape[2] if t.shape[2] is not None else dyn[2]
@@ -280,8 +277,6 @@ def find_root_peaks(root, spr_cfg):
         cells int32 [B, K, 2] (x, y) of the peaks, scores float32 [B, K] (0 for empty slots),
         num_people int32 [B]; valid peaks come first, by decreasing score (K = max_people).
     """
-    import tensorflow as tf
-
     root = tf.cast(root, tf.float32)
     h, w = _map_hw(root)
     if isinstance(h, int) and isinstance(w, int) and h * w < spr_cfg.max_people:
@@ -312,8 +307,6 @@ def _sample(maps_flat, h, w, points, gather: str):
     Returns the values [B, M, C] and the point they were read at [B, M, 2] (the cell centre for
     ``nearest``, the clamped position for ``bilinear``): a displacement is relative to that point.
     """
-    import tensorflow as tf
-
     wf, hf = tf.cast(w, tf.float32), tf.cast(h, tf.float32)
     x = tf.clip_by_value(points[..., 0], 0.5, wf - 0.5)
     y = tf.clip_by_value(points[..., 1], 0.5, hf - 0.5)
@@ -357,8 +350,6 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
     Returns:
         :class:`Decoded` (poses, scores, num_people, roots).
     """
-    import tensorflow as tf
-
     with tf.name_scope("spr_decode"):
         disp = tf.cast(disp, tf.float32)
         h, w = _map_hw(disp)
@@ -405,8 +396,6 @@ def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = 
     decoder's many small ops; on a 2-core CPU it runs a 128x128 map in about a third of the time
     of the plain graph (README, "Structured Pose Representation").
     """
-    import tensorflow as tf
-
     h, w = (None, None) if map_hw is None else (int(map_hw[0]), int(map_hw[1]))
     channels = 2 * skeleton.num_joints
     spec = (tf.TensorSpec([None, h, w, 1], tf.float32, name="root"),
@@ -429,34 +418,5 @@ def flip_maps(root, disp, skeleton: Skeleton):
     sign = np.tile(np.array([-1.0, 1.0], np.float32), skeleton.num_joints)
     if isinstance(disp, np.ndarray):
         return root[..., ::-1, :], np.take(disp[..., ::-1, :], perm, axis=-1) * sign
-    import tensorflow as tf
-
     return (tf.reverse(root, axis=[-2]),
             tf.gather(tf.reverse(disp, axis=[-2]), perm, axis=-1) * tf.constant(sign, disp.dtype))
-
-
-# ----------------------------------------------------------------------------- records (NumPy)
-
-def poses_to_original(poses: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """Network-input poses [..., J, 2] -> original image coordinates (letterbox inverse)."""
-    return to_original(np.asarray(poses), lb)
-
-
-def aic_prediction(image_id: str, poses: np.ndarray) -> dict:
-    """An AI Challenger prediction record from poses [n, J, 2] in original image coordinates."""
-    people = {}
-    for i, pose in enumerate(np.asarray(poses, np.float64)):
-        flat = np.concatenate([np.round(pose, 2), np.ones((len(pose), 1))], axis=1).reshape(-1)
-        people[f"human{i + 1}"] = [float(v) for v in flat]
-    return {"image_id": image_id, "keypoint_annotations": people}
-
-
-def coco_results(image_id: int, poses: np.ndarray, scores: np.ndarray,
-                 category_id: int = 1) -> List[dict]:
-    """COCO keypoint result records from poses [n, J, 2] (original coordinates) and scores [n]."""
-    out = []
-    for pose, score in zip(np.asarray(poses, np.float64), np.asarray(scores, np.float64)):
-        flat = np.concatenate([np.round(pose, 2), np.ones((len(pose), 1))], axis=1).reshape(-1)
-        out.append({"image_id": image_id, "category_id": category_id,
-                    "keypoints": [float(v) for v in flat], "score": float(score)})
-    return out

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
+import cv2
 import numpy as np
+import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,6 @@ def to_original(points: np.ndarray, lb) -> np.ndarray:
 
 def letterbox_image(image: np.ndarray, lb: Letterbox) -> np.ndarray:
     """Resize (bilinear, half-pixel centres) and pad an HxWxC image; keeps the dtype."""
-    import cv2
 
     if image.shape[0] != lb.src_h or image.shape[1] != lb.src_w:
         raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, letterbox expects "
@@ -106,7 +107,6 @@ def letterbox_tf(image, dst_h: int, dst_w: int):
     Returns (float32 image [dst_h, dst_w, C] with values in the input's range, float32 [4]:
     sx, sy, pad_x, pad_y), the same geometry as :func:`letterbox_params`.
     """
-    import tensorflow as tf
 
     shape = tf.shape(image)
     src_h = tf.cast(shape[0], tf.float64)

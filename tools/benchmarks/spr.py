@@ -23,19 +23,23 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
+import tensorflow as tf
 
 from config.config import Config, add_config_args, config_from_args
 from dataset.ai_challenger import read_ai_challenger
 from dataset.convert import estimate_image_sizes, image_sizes_from_dir
+from dataset.letterbox import Letterbox, letterbox_params, to_network
 from dataset.records import ImageRecord
-from utils import spr
-from utils.letterbox import Letterbox, letterbox_params, to_network
+from nets import spr
+from tools.benchmarks import REPO_ROOT
+from utils.aic_eval import evaluate_files, format_warnings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "ai_challenger_w32_512"
-DEFAULT_REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
+DEFAULT_REF = os.path.join(REPO_ROOT, "tests", "data",
                            "ai_challenger_keypoint_example", "keypoint_annotations_example.json")
 
 
@@ -106,7 +110,6 @@ def _timed_decode(decoder, root: np.ndarray, disp: np.ndarray):
 
     The maps are made tensors before the clock starts: a deployed model's maps already are.
     """
-    import tensorflow as tf
 
     root, disp = tf.constant(root[None]), tf.constant(disp[None])
     t = time.perf_counter()
@@ -116,7 +119,6 @@ def _timed_decode(decoder, root: np.ndarray, disp: np.ndarray):
 
 
 def run_oracle(argv: Sequence[str]) -> Dict:
-    from utils.aic_eval import evaluate_files, format_warnings
 
     args = _parser("oracle").parse_args(list(argv))
     cfg = _config(args)
@@ -173,7 +175,6 @@ def noisy_maps(target: Dict[str, np.ndarray], rng: np.random.Generator, noise: f
     """Network-like maps from targets: smooth noise (white noise blurred over ~2 cells, like a
     network's output, then scaled to std ``noise``; a tenth of it on the displacements) and
     ``blobs`` spurious root bumps of random width and height up to 0.4."""
-    import cv2
 
     def smooth_noise(shape, std):
         n = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), 2.0)
@@ -235,7 +236,7 @@ def run_benchmark(name: str, argv: Sequence[str]) -> Dict:
     """
     runs = {"oracle": run_oracle, "decode": run_decode}
     if name not in runs:
-        raise ValueError(f"utils.spr_benchmark has no benchmark {name!r} ({', '.join(runs)})")
+        raise ValueError(f"tools.benchmarks.spr has no benchmark {name!r} ({', '.join(runs)})")
     try:
         return runs[name](argv)
     except (ValueError, OSError) as e:      # AnnotationError is a ValueError
