@@ -30,11 +30,12 @@ import tensorflow as tf
 from config.config import Config, add_config_args, config_from_args
 from dataset.ai_challenger import read_ai_challenger
 from dataset.convert import estimate_image_sizes, image_sizes_from_dir
-from dataset.letterbox import Letterbox, letterbox_params, to_network
+from dataset.letterbox import Letterbox, letterbox_params, to_network, to_original
 from dataset.records import ImageRecord
 from nets import spr
 from tools.benchmarks import REPO_ROOT
 from utils.aic_eval import evaluate_files, format_warnings
+from utils.evaluation import aic_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def run_oracle(argv: Sequence[str]) -> Dict:
         poses, _, num, seconds = _timed_decode(decoder, tg["root"], tg["disp"])
         decode_s += seconds
         found += num
-        predictions.append(spr.aic_prediction(rec.image_id, spr.poses_to_original(poses[:num], lb)))
+        predictions.append(aic_prediction(rec.image_id, to_original(poses[:num], lb)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(predictions, f)
