@@ -113,6 +113,7 @@ class TrainConfig:
     run_dir: str = ""                 # "" = runs/<preset>
     epochs: int = 150
     steps_per_epoch: int = 0          # 0 = one pass over the training set
+    optimizer: str = "adam"           # adam (adamw with weight_decay > 0) | sgd (momentum 0.9)
     lr: float = 1e-3
     lr_schedule: str = "step"         # step (x lr_decay_factor at each lr_decay_epochs) | cosine
     lr_decay_epochs: Tuple[int, ...] = (90, 120)
@@ -120,8 +121,9 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0       # 0 = no clipping
-    mixed_precision: str = ""         # "" | float16 | bfloat16
+    mixed_precision: str = ""         # "" | float16 (dynamic loss scaling) | bfloat16 (Ampere/Hopper)
     xla: bool = False
+    steps_per_call: int = 10          # training steps per tf.function call (one host sync each)
     finetune: str = ""                # whole-model weights to start from (weights only)
     checkpoint_every_steps: int = 0   # 0 = at every epoch end only
     max_checkpoints: int = 3
@@ -328,6 +330,7 @@ _CHOICES = {
     "root_loss": ("l2", "focal"),
     "disp_loss": ("l1", "smooth_l1"),
     "lr_schedule": ("step", "cosine"),
+    "optimizer": ("adam", "sgd"),
     "mixed_precision": ("", "float16", "bfloat16"),
 }
 
@@ -349,7 +352,7 @@ def validate(cfg: Config) -> None:
                              f"{8 * s} (HRNet's lowest branch is at stride 32)")
     positive = {"batch_size": cfg.data.batch_size, "sigma": cfg.spr.sigma, "tau": cfg.spr.tau,
                 "max_people": cfg.spr.max_people, "epochs": cfg.train.epochs,
-                "nms_window": cfg.spr.nms_window}
+                "nms_window": cfg.spr.nms_window, "steps_per_call": cfg.train.steps_per_call}
     for name, v in positive.items():
         if not v > 0:
             raise ValueError(f"config field {name!r} must be positive, got {v}")

@@ -56,7 +56,11 @@ BACKBONE_NAME = "backbone"
 
 
 def build_spm_model(cfg) -> keras.Model:
-    """The SPM model of ``cfg`` (a ``config.Config``); loads ``cfg.model.backbone_weights``."""
+    """The SPM model of ``cfg`` (a ``config.Config``), with fresh weights.
+
+    ``cfg.model.backbone_weights`` is not loaded here: the training loop loads it once, when a
+    run starts from nothing (a trained run carries its own weights, wherever it is moved).
+    """
     mcfg = cfg.model
     if cfg.spr.output_stride != STEM_STRIDE:
         raise ValueError(f"config field 'output_stride' is {cfg.spr.output_stride}; the HRNet "
@@ -80,10 +84,7 @@ def build_spm_model(cfg) -> keras.Model:
                        bias_initializer=keras.initializers.Constant(prior_logit))
     disp = head.output(x, 2 * cfg.skeleton.num_joints, "head.disp", activation=None,
                        bias_initializer="zeros")
-    model = keras.Model(images, {"root": root, "disp": disp}, name="SpmModel")
-    if mcfg.backbone_weights:
-        load_backbone_weights(model, mcfg.backbone_weights)
-    return model
+    return keras.Model(images, {"root": root, "disp": disp}, name="SpmModel")
 
 
 class _Head:

@@ -86,6 +86,10 @@ def test_backbone_file_loads_into_spm_model(tmp_path, spec, source_trunk, offici
                                                backbone_weights=out)
     model = build_spm_model(cfg)
     trunk = get_backbone(model)
+    # building never reads the file (a trained run must load without it); the trainer loads it
+    assert not np.array_equal(np.asarray(trunk.get_layer("conv1").kernel),
+                              np.asarray(source_trunk.get_layer("conv1").kernel))
+    load_backbone_weights(model, cfg.model.backbone_weights)
     for name in ("conv1", "stage3.1.fuse_layers.0.2.0"):
         np.testing.assert_array_equal(np.asarray(trunk.get_layer(name).kernel),
                                       np.asarray(source_trunk.get_layer(name).kernel))

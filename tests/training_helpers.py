@@ -5,6 +5,7 @@ strategies that must be configured before TensorFlow starts (logical CPU devices
 in a fresh process.
 """
 
+import json
 import os
 import sys
 
@@ -114,7 +115,40 @@ def _weights_digest(model):
     return {f"w{i}": w for i, w in enumerate(model.get_weights())}
 
 
-def run_mode(mode: str, out: str):
+def randomise_output_kernels(model, std=0.01, seed=0):
+    """The output kernels start at zero (nets/spm_model.py), which stops every gradient below
+    them in the first step; random ones make one step move every layer."""
+    rng = np.random.default_rng(seed)
+    for name in ("head.root.out", "head.disp.out"):
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
+
+
+def synthetic_config(run_dir: str, synth_dir: str, **overrides):
+    """tiny_config on a small synthetic set (for the default evaluator): 8 training, 4 val images."""
+    return tiny_config(run_dir, synthetic_dir=synth_dir, synthetic_train_images=8,
+                       synthetic_val_images=4, **overrides)
+
+
+def nan_at(bad_step: int, replica: int = -1):
+    """A Trainer gradient_hook that makes the gradients of ``replica`` (-1: every replica)
+    non-finite at step ``bad_step``."""
+    import tensorflow as tf
+
+    def hook(grads, step):
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        bad = tf.equal(step, bad_step) & ((rid == replica) if replica >= 0 else True)
+        return [g + tf.where(bad, tf.constant(float("inf"), g.dtype), tf.constant(0.0, g.dtype)) for g in grads]
+
+    return hook
+
+
+def _trainable(trainer):
+    return [v.numpy().astype(np.float32) for v in trainer.model.trainable_variables]
+
+
+def run_mode(mode: str, out: str, *extra: str):
     """Modes run in a fresh process: 'replicas' (2 logical CPUs vs 1 device), 'worker' (TF_CONFIG)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -123,52 +157,104 @@ def run_mode(mode: str, out: str):
     if mode == "replicas":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        # Adam's first step is lr * g / (|g| + eps): for gradients near eps it turns summation-order
-        # noise (different on 1 and 2 devices) into differences of up to ~lr * 1e-2; lr 1e-4
-        # keeps those under the 1e-5 tolerance while every weight still moves by ~1e-4.
-        cfg2 = tiny_config(os.path.join(out, "two"), batch_size=2, sync_batchnorm=True, lr=1e-4)
-        cfg1 = tiny_config(os.path.join(out, "one"), batch_size=4, sync_batchnorm=True, lr=1e-4)
-        images, targets = fixed_batch(cfg1, 4)
-        pipe = FixedPipeline(images, targets)
-        two = Trainer(cfg2, tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), evaluate_fn=no_eval,
-                      pipeline=pipe)
-        one = Trainer(cfg1, tf.distribute.OneDeviceStrategy("/cpu:0"), evaluate_fn=no_eval, pipeline=pipe)
-        # The output kernels start at zero (nets/spm_model.py), which stops every gradient
-        # below them in the first step; make them random so that one step moves every layer.
-        rng = np.random.default_rng(0)
-        for name in ("head.root.out", "head.disp.out"):
-            layer = two.model.get_layer(name)
-            kernel, bias = layer.get_weights()
-            layer.set_weights([rng.normal(0, 0.01, kernel.shape).astype(np.float32), bias])
-        one.model.set_weights(two.model.get_weights())
-        before = one.model.get_weights()
-        losses_two = two._train_step(next(iter(two.dist_dataset)))
-        losses_one = one._train_step(next(iter(one.dist_dataset)))
-        np.savez(os.path.join(out, "replicas.npz"),
-                 loss_two=float(losses_two["total"]), loss_one=float(losses_one["total"]),
-                 replicas=two.replicas,
-                 **{f"two_{i}": w for i, w in enumerate(two.model.get_weights())},
-                 **{f"one_{i}": w for i, w in enumerate(one.model.get_weights())},
-                 **{f"before_{i}": w for i, w in enumerate(before)})
+        from utils.evaluation import evaluate_model
+
+        results = {}
+        # One strategy object per process, as in training: two MirroredStrategy objects would
+        # draw the same collective instance keys.
+        mirrored, single_device = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.OneDeviceStrategy("/cpu:0")
+        two_cpus, one_cpu = (lambda: mirrored), (lambda: single_device)
+        # SGD: the weights after one step differ from the 1-device step by lr x (summation-order
+        # noise of the gradients), deterministic to ~1e-7 on any CPU (Adam's first step,
+        # lr g / (|g| + eps), would amplify that noise for gradients near eps).
+        for precision in ("", "float16"):
+            common = dict(sync_batchnorm=True, optimizer="sgd", lr=1e-2, mixed_precision=precision,
+                          steps_per_call=1)
+            cfg2 = tiny_config(os.path.join(out, f"two{precision}"), batch_size=2, **common)
+            cfg1 = tiny_config(os.path.join(out, f"one{precision}"), batch_size=4, **common)
+            images, targets = fixed_batch(cfg1, 4)
+            pipe = FixedPipeline(images, targets)
+            two = Trainer(cfg2, two_cpus(), evaluate_fn=no_eval, pipeline=pipe)
+            one = Trainer(cfg1, one_cpu(), evaluate_fn=no_eval, pipeline=pipe)
+            randomise_output_kernels(two.model)
+            one.model.set_weights(two.model.get_weights())
+            before = _trainable(one)
+            # float16 starts at loss scale 32768, which overflows here: both runs skip the first
+            # updates (halving the scale) until one goes through; 4 steps include real updates.
+            steps = 4 if precision else 1
+            run_two = two.run_steps(iter(two.dist_dataset), steps)
+            run_one = one.run_steps(iter(one.dist_dataset), steps)
+            tag = precision or "float32"
+            results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
+                            f"{tag}_skipped_two": run_two["skipped"], f"{tag}_skipped_one": run_one["skipped"],
+                            **{f"{tag}_two_{i}": w for i, w in enumerate(_trainable(two))},
+                            **{f"{tag}_one_{i}": w for i, w in enumerate(_trainable(one))},
+                            **{f"{tag}_before_{i}": w for i, w in enumerate(before)}})
+        # float16 on 2 replicas, replica 1's gradient made infinite at step 1: the update is
+        # skipped on both replicas and the loss scale falls; step 2 trains.
+        cfg = tiny_config(os.path.join(out, "overflow"), batch_size=2, sync_batchnorm=True, optimizer="sgd",
+                          lr=1e-2, mixed_precision="float16", steps_per_call=1)
+        images, targets = fixed_batch(cfg, 4)
+        trainer = Trainer(cfg, two_cpus(), evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets),
+                          gradient_hook=nan_at(1, replica=1))
+        randomise_output_kernels(trainer.model)
+        it = iter(trainer.dist_dataset)
+        replicas_before = [[np.array(t) for t in trainer.strategy.experimental_local_results(v)]
+                           for v in trainer.model.trainable_variables]
+        scale_before = float(trainer.optimizer.dynamic_scale.numpy())
+        first = trainer.run_steps(it, 1)
+        replicas_after = [[np.array(t) for t in trainer.strategy.experimental_local_results(v)]
+                          for v in trainer.model.trainable_variables]
+        second = trainer.run_steps(it, 1)
+        results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
+                       overflow_skipped=first["skipped"], overflow_second_skipped=second["skipped"],
+                       overflow_iterations=int(trainer.optimizer.iterations.numpy()),
+                       overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
+                                              for b, a in zip(bs, as_)),
+                       overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(trainer)),
+                       overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
+                                          zip(replicas_before, trainer.model.trainable_variables)))
+        # The default evaluator under 2 replicas == the 1-device evaluation of the same weights.
+        cfg = synthetic_config(os.path.join(out, "eval"), extra[0], batch_size=2, sync_batchnorm=True)
+        images, targets = fixed_batch(cfg, 4)
+        trainer = Trainer(cfg, two_cpus(), pipeline=FixedPipeline(images, targets))
+        randomise_output_kernels(trainer.model, std=0.3)
+        under_strategy = trainer.evaluate()
+        single = Trainer(cfg, one_cpu(), run_dir=os.path.join(out, "eval1"), evaluate_fn=no_eval,
+                         pipeline=FixedPipeline(images, targets)).model
+        single.set_weights(trainer.model.get_weights())
+        alone = evaluate_model(single, cfg)
+        for k in ("score", "ap50", "predicted_people"):
+            results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
+        np.savez(os.path.join(out, "replicas.npz"), **results)
     elif mode == "worker":
         from utils.distribute import make_strategy
 
         strategy = make_strategy()
         # Synchronised BatchNorm: without it each worker keeps moving statistics of its own shard
         # (legitimately different); with it every variable must be identical on both workers.
-        cfg = tiny_config(os.path.join(out, "run"), batch_size=2, steps_per_epoch=2, epochs=1,
-                          seed=0, deterministic=True, sync_batchnorm=True)
+        steps, every = (int(v) for v in extra[1:3]) if len(extra) > 2 else (2, 0)
+        cfg = synthetic_config(os.path.join(out, "run"), extra[0], batch_size=2, steps_per_epoch=steps,
+                               epochs=1, seed=0, deterministic=True, sync_batchnorm=True,
+                               checkpoint_every_steps=every, steps_per_call=1)
         tf.keras.utils.set_random_seed(0)
         images, targets = fixed_batch(cfg, 4)
-        trainer = Trainer(cfg, strategy, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets))
+        trainer = Trainer(cfg, strategy, pipeline=FixedPipeline(images, targets))
+        start_step = int(trainer.step.numpy())
+        if trainer.resumed_from is None:
+            randomise_output_kernels(trainer.model, std=0.3)
         result = trainer.fit()
+        history = json.load(open(os.path.join(out, "run", "history.json"))) if trainer.is_chief else []
         task = tf.distribute.cluster_resolver.TFConfigClusterResolver().task_id
-        np.savez(os.path.join(out, f"worker{task}.npz"), steps=result["steps"],
-                 replicas=trainer.replicas, chief=trainer.is_chief,
+        last_eval = trainer.evaluate()
+        np.savez(os.path.join(out, f"worker{task}.npz"), steps=result["steps"], start_step=start_step,
+                 replicas=trainer.replicas, chief=trainer.is_chief, score=last_eval["score"],
+                 predicted_people=last_eval.get("predicted_people", -1),
+                 history_score=history[-1]["score"] if history else -1.0,
                  **{f"w{i}": w for i, w in enumerate(trainer.model.get_weights())})
     else:
         raise SystemExit(f"unknown mode {mode}")
 
 
 if __name__ == "__main__":
-    run_mode(sys.argv[1], sys.argv[2])
+    run_mode(sys.argv[1], sys.argv[2], *sys.argv[3:])

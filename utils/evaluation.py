@@ -137,6 +137,7 @@ class Evaluator:
         predictions, pipeline = predict_records(self._predictor, self.records, self.cfg.data.batch_size)
         result = score_predictions_for(self.cfg, self.ann_json, predictions,
                                        [r.image_id for r in self.records])
+        result["predicted_people"] = int(sum(len(p.poses) for p in predictions))
         result["eval_seconds"] = round(time.time() - start, 2)
         result["skipped_images"] = pipeline.skipped.count
         if writer is not None and self.num_pictures:

@@ -37,10 +37,12 @@ WEIGHT_FILES = ("best.weights.h5", "final.weights.h5")
 # ----------------------------------------------------------------------------- loading
 
 def resolve_weights(path: str) -> Tuple[str, str]:
-    """(config.json path, weights path) of a run directory or of a ``.weights.h5`` file.
+    """(config.json path, weights path) of a run directory, a ``.weights.h5`` file or a
+    checkpoint prefix.
 
     A run directory gives its best weights, else its final weights, else its latest
-    checkpoint; a weights file takes the ``config.json`` beside it.
+    checkpoint; a weights file takes the ``config.json`` beside it; a checkpoint prefix in
+    ``RUN/checkpoints/`` takes ``RUN/config.json``.
     """
     if os.path.isdir(path):
         config_path = os.path.join(path, CONFIG_FILENAME)
@@ -54,7 +56,10 @@ def resolve_weights(path: str) -> Tuple[str, str]:
                                 f"or checkpoints/)")
     if not os.path.exists(path) and not os.path.exists(path + ".index"):
         raise FileNotFoundError(f"{path}: no such run directory or weights file")
-    return os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILENAME), path
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoints" and not os.path.exists(os.path.join(folder, CONFIG_FILENAME)):
+        folder = os.path.dirname(folder)
+    return os.path.join(folder, CONFIG_FILENAME), path
 
 
 def load_trained_model(path: str, config_path: Optional[str] = None, expect_skeleton: Optional[str] = None,

@@ -3,16 +3,40 @@
 Why a custom ``tf.GradientTape`` loop rather than ``Model.fit``: SPM's loss needs the targets dict
 and weights, the loss must be normalised by the *global* batch so that it is identical on one
 device and on N replicas, gradient clipping must act on the all-reduced gradient (Keras 3 clips
-per replica), a NaN must stop the run naming its step without overwriting the last good
+per replica), a non-finite update must stop the run naming its step without ever reaching a
 checkpoint, and resume must restore model, optimizer, epoch, step and best score from
-``tf.train.CheckpointManager`` in the middle of an epoch. All of that is a few dozen explicit
-lines here, and the same lines run under the default strategy, MirroredStrategy and
-MultiWorkerMirroredStrategy.
+``tf.train.CheckpointManager`` in the middle of an epoch, on every worker. The same lines run
+under the default strategy, MirroredStrategy and MultiWorkerMirroredStrategy.
+
+What each step guarantees on any number of replicas:
+
+* **One finite decision.** Every replica computes whether its gradient is finite; the flags are
+  all-reduced (MIN) so that all replicas see the same answer, and a non-finite step poisons every
+  replica's gradient. With ``--mixed-precision float16`` Keras' ``LossScaleOptimizer`` then skips
+  the update on every replica and halves the loss scale (its own check reads replica 0 only,
+  assuming all-reduced gradients); without loss scaling the run stops with
+  :class:`NonFiniteLossError` naming the step. With ``--grad-clip-norm`` the gradient is
+  all-reduced first and clipped by its global norm (in loss-scaled units).
+* **Several steps per call.** ``steps_per_call`` steps run inside one ``tf.function`` call
+  (a ``tf.while_loop`` over the distributed iterator); losses are summed on the device and read
+  once per call, with the step counter, the learning rate and the first non-finite step.
+  Progress, TensorBoard and checkpoints work at call boundaries; calls end at epoch and
+  checkpoint boundaries.
+* **Checkpoints from finite weights only.** A call whose steps were all finite is the only thing
+  that reaches ``CheckpointManager.save``; the weights are checked once more before writing.
+* **Resume on every worker.** Every worker restores the newest checkpoint of
+  ``run_dir/checkpoints`` (the chief's; the run directory must be on storage all workers see),
+  the workers' steps are compared (all-reduce MIN/MAX) and a disagreement stops the run; only the
+  chief writes there. A checkpoint from another replica count or per-replica batch is refused
+  naming both (the step-based schedule would otherwise move).
+* **Evaluation once.** The chief evaluates (the model in cross-replica context, one device); the
+  other workers wait at the next collective and receive the score by an all-reduce (MAX).
 
 Run directory layout (everything a tool needs to rebuild and load the model)::
 
     run_dir/config.json           resolved config
-    run_dir/checkpoints/          tf.train.Checkpoint: model, optimizer, epoch, step, best score
+    run_dir/checkpoints/          tf.train.Checkpoint: model, optimizer, epoch, step, best score,
+                                  replicas and per-replica batch of the run
     run_dir/best.weights.h5       model weights at the best validation score
     run_dir/final.weights.h5      model weights at the end of training
     run_dir/logs/                 TensorBoard: losses, learning rate, score, prediction images
@@ -30,7 +54,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import keras
@@ -51,7 +75,7 @@ PICTURE = "predictions.png"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+    """Training produced a NaN or infinite loss or update; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -96,11 +120,15 @@ class SpmLearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def build_optimizer(cfg: Config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam (AdamW when weight_decay > 0) on the configured schedule; loss scaling for float16."""
+    """Adam (AdamW when weight_decay > 0) or SGD with momentum 0.9 on the configured schedule;
+    dynamic loss scaling for float16."""
     t = cfg.train
     schedule = SpmLearningRate(t.lr, steps_per_epoch, t.epochs * steps_per_epoch, t.lr_schedule,
                                t.lr_decay_epochs, t.lr_decay_factor, t.warmup_steps)
-    if t.weight_decay > 0:
+    if t.optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9,
+                                   weight_decay=t.weight_decay or None)
+    elif t.weight_decay > 0:
         opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=t.weight_decay)
     else:
         opt = keras.optimizers.Adam(learning_rate=schedule)
@@ -131,10 +159,6 @@ def is_chief_worker(strategy: tf.distribute.Strategy) -> bool:
     return task_type == "worker" and task_id == 0
 
 
-def _finite(value) -> bool:
-    return bool(np.isfinite(value))
-
-
 class _Progress:
     """A Keras progress bar with the loss components, or nothing on non-chief workers."""
 
@@ -143,7 +167,7 @@ class _Progress:
         if enabled:
             print(f"Epoch {epoch + 1}/{epochs}", flush=True)
             # A live bar on a terminal; one line per epoch in logs and CI.
-            self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr"],
+            self.bar = keras.utils.Progbar(steps, stateful_metrics=["lr", "loss_scale"],
                                            verbose=1 if sys.stdout.isatty() else 2)
 
     def update(self, step_in_epoch: int, values: Dict[str, float]):
@@ -161,16 +185,20 @@ class Trainer:
         strategy: a tf.distribute strategy; None = the default (one device).
         run_dir: where checkpoints, logs and pictures go; resumes from it when it holds a run.
         evaluate_fn: ``(model, cfg) -> dict`` with at least ``score``; None = the default
-            evaluation (utils.evaluation.Evaluator on the validation set).
+            evaluation (utils.evaluation.Evaluator on the validation split).
         pipeline: the training input (``dataset.pipeline.InputPipeline``: ``len()``,
             ``dataset(input_context=..., repeat=True)`` yielding per-replica batches, ``skipped``);
             None = the configured training split.
+        gradient_hook: ``(grads, step) -> grads``, called in each replica on its local gradients
+            before anything else sees them (tests inject non-finite gradients with it).
     """
+
+    LOSS_KEYS = ("total", "root", "disp")
 
     def __init__(self, cfg: Config, strategy: Optional[tf.distribute.Strategy] = None,
                  run_dir: Optional[str] = None,
                  evaluate_fn: Optional[Callable[[keras.Model, Config], Dict[str, Any]]] = None,
-                 pipeline=None):
+                 pipeline=None, gradient_hook: Optional[Callable[[Sequence[tf.Tensor], tf.Tensor], list]] = None):
         self.cfg = cfg
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
@@ -178,13 +206,12 @@ class Trainer:
         self.is_chief = is_chief_worker(self.strategy)
         self.run_dir = run_dir or cfg.train.run_dir or os.path.join("runs", cfg.preset)
         self.evaluate_fn = evaluate_fn
+        self.gradient_hook = gradient_hook
         self._evaluator = None
         self._check_run_dir_config()
 
-        if pipeline is None:
-            pipeline = InputPipeline(cfg, "train")
-        self.pipeline = pipeline
-        self.num_examples = len(pipeline)
+        self.pipeline = pipeline if pipeline is not None else InputPipeline(cfg, "train")
+        self.num_examples = len(self.pipeline)
         if not cfg.train.steps_per_epoch and self.num_examples < self.global_batch:
             raise ValueError(f"the training set has {self.num_examples} images, fewer than one "
                              f"global batch of {self.global_batch}")
@@ -192,7 +219,7 @@ class Trainer:
         # Each input pipeline (one per worker) reads its own shard of the records and batches
         # per replica; the stream repeats, epochs are counted in steps.
         self.dist_dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: pipeline.dataset(input_context=ctx, repeat=True))
+            lambda ctx: self.pipeline.dataset(input_context=ctx, repeat=True))
 
         set_precision_policy(cfg)
         with self.strategy.scope():
@@ -203,19 +230,25 @@ class Trainer:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.best_score = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_score")
+            # What the step-based schedule depends on, checked at resume.
+            self._run_replicas = tf.Variable(self.replicas, dtype=tf.int64, trainable=False, name="replicas")
+            self._run_batch = tf.Variable(cfg.data.batch_size, dtype=tf.int64, trainable=False,
+                                          name="batch_size")
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               epoch=self.epoch, step=self.step,
-                                              best_score=self.best_score)
+                                              best_score=self.best_score, replicas=self._run_replicas,
+                                              batch_size=self._run_batch)
         # Under MultiWorkerMirroredStrategy every worker must take part in a save; only the
         # chief's goes to the run directory, the others' to a scratch directory (TF's pattern).
-        self._ckpt_dir = os.path.join(self.run_dir, CHECKPOINT_SUBDIR) if self.is_chief else \
-            tempfile.mkdtemp(prefix="spm_worker_ckpt_")
+        # Every worker *restores* from the run directory.
+        self._run_ckpt_dir = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
+        self._ckpt_dir = self._run_ckpt_dir if self.is_chief else tempfile.mkdtemp(prefix="spm_worker_ckpt_")
         self.manager = tf.train.CheckpointManager(self.checkpoint, self._ckpt_dir,
                                                   max_to_keep=cfg.train.max_checkpoints)
         self.resumed_from = self._restore_or_initialise()
         self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "logs"))
                        if self.is_chief else tf.summary.create_noop_writer())
-        self._train_step = self._make_train_step()
+        self._train_call = self._make_train_call()
 
     # ------------------------------------------------------------------ setup
 
@@ -239,121 +272,205 @@ class Trainer:
             self.cfg.save(self.run_dir)
 
     def _restore_or_initialise(self) -> Optional[str]:
-        latest = self.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(self._run_ckpt_dir)
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            saved = (int(self._run_replicas.numpy()), int(self._run_batch.numpy()))
+            if saved != (self.replicas, self.cfg.data.batch_size):
+                raise ValueError(
+                    f"{latest} was trained with {saved[0]} replica(s) x batch {saved[1]} per replica "
+                    f"(global batch {saved[0] * saved[1]}); this run has {self.replicas} replica(s) x "
+                    f"batch {self.cfg.data.batch_size} (global batch {self.global_batch}). The step-based "
+                    f"schedule and epoch length depend on the global batch: resume with the same "
+                    f"replicas and --batch-size, or start a new --run-dir (--finetune "
+                    f"{os.path.join(self.run_dir, FINAL_WEIGHTS)} keeps the weights)")
             log.info("resumed from %s at epoch %d, step %d", latest, int(self.epoch.numpy()),
                      int(self.step.numpy()))
-            return latest
-        if self.cfg.train.finetune:
+        elif self.cfg.train.finetune:
             self.model.load_weights(self.cfg.train.finetune)
             log.info("fine-tuning from %s", self.cfg.train.finetune)
         elif self.cfg.model.backbone_weights:
             load_backbone_weights(self.model, self.cfg.model.backbone_weights)
             log.info("backbone weights from %s", self.cfg.model.backbone_weights)
-        return None
+        self._check_workers_agree()
+        return latest
 
-    def _make_train_step(self):
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        global_batch = self.global_batch
+    def _sum_over_replicas(self, value: float) -> float:
+        """The sum of ``value`` over all replicas of all workers (every worker must call it)."""
+        def fn():
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(value, tf.float64))
+
+        return float(self.strategy.experimental_local_results(self.strategy.run(fn))[0].numpy())
+
+    def _check_workers_agree(self):
+        """Every worker must have restored the same step (a worker that cannot see the chief's
+        checkpoints would start from 0 and the all-reduce would mix two models): the variance
+        of the replicas' steps, from two sums, must be zero."""
+        if self.replicas == 1:
+            return
+        step = float(self.step.numpy())
+        mean = self._sum_over_replicas(step) / self.replicas
+        mean_square = self._sum_over_replicas(step * step) / self.replicas
+        if abs(mean_square - mean * mean) > 1e-6 * max(1.0, mean * mean):
+            raise ValueError(f"the workers restored different steps (this worker: {int(step)}, mean over "
+                             f"workers: {mean:g}): every worker restores {self._run_ckpt_dir}, so the "
+                             f"run directory must be on storage that all workers see")
+
+    def _make_train_call(self):
+        cfg, model, opt, strategy = self.cfg, self.model, self.optimizer, self.strategy
+        global_batch, replicas = self.global_batch, self.replicas
         clip = cfg.train.grad_clip_norm
-        replicas = self.replicas
         loss_scaling = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        hook = self.gradient_hook
+        variables = model.trainable_variables
 
-        def replica_step(images, targets):
+        def replica_step(images, targets, step):
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
                 losses = spm_loss(targets, outputs, cfg.loss, global_batch)
-                loss = losses["total"]
-                scaled = opt.scale_loss(loss) if loss_scaling else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
+                scaled = opt.scale_loss(losses["total"]) if loss_scaling else losses["total"]
+            grads = tape.gradient(scaled, variables)
+            if hook is not None:
+                grads = hook(grads, step)
+            ctx = tf.distribute.get_replica_context()
             if clip > 0:
-                # Clip the *all-reduced* gradient by its global norm, then hand each replica
-                # 1/N of it: the optimizer's own all-reduce sums them back to the clipped total.
-                ctx = tf.distribute.get_replica_context()
+                # Clip the *all-reduced* gradient by its global norm (in loss-scaled units), then
+                # hand each replica 1/N of it: the optimizer's own all-reduce sums them back.
                 total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
                 limit = clip * (opt.dynamic_scale if loss_scaling else 1.0)
                 total, _ = tf.clip_by_global_norm(total, limit)
                 grads = [g / replicas for g in total]
-            opt.apply_gradients(zip(grads, model.trainable_variables))
-            return losses
+            local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            finite = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(local, tf.float32)) < 0.5
+            # The same decision on every replica: a step that is non-finite anywhere is
+            # non-finite everywhere (LossScaleOptimizer reads replica 0's gradients only).
+            poison = tf.where(finite, 0.0, float("nan"))
+            grads = [g + tf.cast(poison, g.dtype) for g in grads]
+            opt.apply_gradients(zip(grads, variables))
+            return losses, finite
 
-        @tf.function(jit_compile=cfg.train.xla or None)
-        def compiled_replica_step(images, targets):
-            return replica_step(images, targets)
-
-        step_fn = compiled_replica_step if cfg.train.xla else replica_step
+        step_fn = tf.function(replica_step, jit_compile=True) if cfg.train.xla else replica_step
 
         @tf.function
-        def train_step(batch):
-            images, targets = batch
-            per_replica = self.strategy.run(step_fn, args=(images, targets))
-            return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                    for k, v in per_replica.items()}
+        def train_call(iterator, num_steps):
+            """``num_steps`` steps; summed losses, the first bad step (-1: none) and the
+            number of steps whose update was skipped for a non-finite gradient (float16)."""
+            sums = {k: tf.constant(0.0, tf.float32) for k in self.LOSS_KEYS}
+            first_bad = tf.constant(-1, tf.int64)
+            skipped = tf.constant(0, tf.int64)
+            for _ in tf.range(num_steps):
+                images, targets = next(iterator)
+                step = self.step.assign_add(1)
+                losses, finite = strategy.run(step_fn, args=(images, targets, step))
+                losses = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, losses[k], axis=None)
+                          for k in self.LOSS_KEYS}
+                finite = strategy.experimental_local_results(finite)[0]
+                loss_ok = tf.reduce_all([tf.math.is_finite(v) for v in losses.values()])
+                bad = tf.logical_not(loss_ok) if loss_scaling else tf.logical_not(loss_ok & finite)
+                first_bad = tf.where((first_bad < 0) & bad, step, first_bad)
+                skipped += tf.cast(tf.logical_not(finite) & loss_ok, tf.int64) if loss_scaling else 0
+                sums = {k: sums[k] + losses[k] for k in self.LOSS_KEYS}
+            out = {**sums, "first_bad": first_bad, "skipped": skipped, "step": self.step.read_value(),
+                   "lr": tf.cast(opt.learning_rate, tf.float32)}
+            if loss_scaling:
+                out["loss_scale"] = tf.cast(opt.dynamic_scale, tf.float32)
+            return out
 
-        return train_step
+        return train_call
 
     # ------------------------------------------------------------------ loop
 
+    def _weights_finite(self) -> bool:
+        return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.weights]).numpy())
+
     def save_checkpoint(self):
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        step = int(self.step.numpy())
+        if not self._weights_finite():
+            raise NonFiniteLossError(f"non-finite weights at step {step}; not saved, the last good "
+                                     f"checkpoint is kept in {self._run_ckpt_dir}")
+        path = self.manager.save(checkpoint_number=step)
         if self.is_chief:
             log.info("checkpoint %s", path)
         return path
+
+    def run_steps(self, iterator, num_steps: int) -> Dict[str, float]:
+        """``num_steps`` training steps in one call (one host sync); the mean losses.
+
+        Raises NonFiniteLossError naming the first step whose loss (or, without loss scaling,
+        whose update) was not finite; nothing of that call reaches a checkpoint.
+        """
+        out = {k: v.numpy() for k, v in self._train_call(iterator, tf.constant(num_steps, tf.int64)).items()}
+        if int(out["first_bad"]) >= 0:
+            bad = int(out["first_bad"])
+            raise NonFiniteLossError(
+                f"non-finite loss or update at step {bad} (epoch {bad // self.steps_per_epoch + 1}): "
+                f"mean over the last {num_steps} steps " +
+                ", ".join(f"{k}={float(out[k]) / num_steps:.4g}" for k in self.LOSS_KEYS) +
+                f"; the last good checkpoint is kept in {self._run_ckpt_dir}; try a lower --lr or "
+                f"--grad-clip-norm")
+        result = {k: float(out[k]) / num_steps for k in self.LOSS_KEYS}
+        result.update(lr=float(out["lr"]), step=int(out["step"]), skipped=int(out["skipped"]))
+        if "loss_scale" in out:
+            result["loss_scale"] = float(out["loss_scale"])
+        return result
+
+    def _steps_in_next_call(self, step: int, end_of_epoch: int) -> int:
+        """Up to ``steps_per_call``, ending at the epoch end and at checkpoint boundaries."""
+        n = min(self.cfg.train.steps_per_call, end_of_epoch - step)
+        every = self.cfg.train.checkpoint_every_steps
+        if every:
+            n = min(n, every - step % every)
+        return n
 
     def fit(self) -> Dict[str, Any]:
         cfg = self.cfg
         start = time.time()
         epochs = cfg.train.epochs
         history = self._load_history()
-        data_iter = None
+        data_iter = iter(self.dist_dataset)
         last_eval: Dict[str, Any] = history[-1] if history else {}
+        skipped_updates = 0
+        log_every = max(1, cfg.train.log_every_steps)
         while int(self.epoch.numpy()) < epochs:
             epoch = int(self.epoch.numpy())
-            done_in_epoch = int(self.step.numpy()) - epoch * self.steps_per_epoch
-            if data_iter is None:
-                data_iter = iter(self.dist_dataset)
+            step = int(self.step.numpy())
+            end_of_epoch = (epoch + 1) * self.steps_per_epoch
             progress = _Progress(self.steps_per_epoch, epoch, epochs, self.is_chief)
             sums: Dict[str, float] = {}
             n = 0
-            for i in range(done_in_epoch, self.steps_per_epoch):
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
-                    data_iter = iter(self.dist_dataset)
-                    batch = next(data_iter)
-                losses = {k: float(v) for k, v in self._train_step(batch).items()}
-                step = int(self.step.assign_add(1).numpy())
-                if not all(_finite(v) for v in losses.values()):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step} (epoch {epoch + 1}): " +
-                        ", ".join(f"{k}={v}" for k, v in losses.items()) +
-                        f"; the last good checkpoint is kept in {self._ckpt_dir}; try a lower --lr "
-                        f"or --grad-clip-norm")
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
-                lr = float(self.optimizer.learning_rate.numpy()) if hasattr(
-                    self.optimizer.learning_rate, "numpy") else float(self.optimizer.learning_rate)
-                progress.update(i + 1, {**losses, "lr": lr})
-                if step % max(1, cfg.train.log_every_steps) == 0:
+            while step < end_of_epoch:
+                num = self._steps_in_next_call(step, end_of_epoch)
+                losses = self.run_steps(data_iter, num)
+                logged, step = step, losses.pop("step")
+                skipped_updates += losses.pop("skipped")
+                for k in self.LOSS_KEYS:
+                    sums[k] = sums.get(k, 0.0) + losses[k] * num
+                n += num
+                progress.update(step - epoch * self.steps_per_epoch, losses)
+                if step // log_every > logged // log_every:
                     with self.writer.as_default(step=step):
-                        for k, v in losses.items():
-                            tf.summary.scalar(f"loss/{k}", v)
-                        tf.summary.scalar("learning_rate", lr)
+                        for k in self.LOSS_KEYS:
+                            tf.summary.scalar(f"loss/{k}", losses[k])
+                        tf.summary.scalar("learning_rate", losses["lr"])
+                        if "loss_scale" in losses:
+                            tf.summary.scalar("loss_scale", losses["loss_scale"])
+                            tf.summary.scalar("skipped_updates", skipped_updates)
                 if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
                     self.save_checkpoint()
             self.epoch.assign(epoch + 1)
-            record = {"epoch": epoch + 1, "step": int(self.step.numpy()),
+            record = {"epoch": epoch + 1, "step": step,
                       **{f"loss_{k}": v / max(n, 1) for k, v in sums.items()},
                       "skipped_images": self.pipeline.skipped.count}
+            if skipped_updates:
+                record["skipped_updates"] = skipped_updates
             if self.pipeline.skipped.count and self.is_chief:
                 log.warning("%s", self.pipeline.skipped.summary())
             if (epoch + 1) % max(1, cfg.train.eval_every_epochs) == 0 or epoch + 1 == epochs:
                 last_eval = self.evaluate()
                 record.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
                 score = float(last_eval.get("score", float("nan")))
-                with self.writer.as_default(step=int(self.step.numpy())):
+                with self.writer.as_default(step=step):
                     tf.summary.scalar("val/score", score)
                 if np.isfinite(score) and score > float(self.best_score.numpy()):
                     self.best_score.assign(score)
@@ -365,6 +482,8 @@ class Trainer:
             history.append(record)
             self.save_checkpoint()
             self._save_history(history)
+        # The iterator's threads may call into Python: end them before returning.
+        del data_iter
         if self.is_chief:
             self.model.save_weights(os.path.join(self.run_dir, FINAL_WEIGHTS))
             if self.evaluate_fn is None:
@@ -384,12 +503,23 @@ class Trainer:
         }
 
     def evaluate(self) -> Dict[str, Any]:
-        if self.evaluate_fn is not None:
-            return self.evaluate_fn(self.model, self.cfg)
-        if self._evaluator is None:
-            self._evaluator = Evaluator(self.cfg)
-        return self._evaluator(self.model, writer=self.writer if self.is_chief else None,
-                               step=int(self.step.numpy()))
+        """The validation score, computed once: on the chief (one device, cross-replica
+        context), while the other workers wait; every worker gets the chief's score."""
+        result: Dict[str, Any] = {}
+        if self.is_chief:
+            if self.evaluate_fn is not None:
+                result = self.evaluate_fn(self.model, self.cfg)
+            else:
+                if self._evaluator is None:
+                    self._evaluator = Evaluator(self.cfg)
+                result = self._evaluator(self.model, writer=self.writer, step=int(self.step.numpy()))
+        if self.replicas > 1:
+            # The score travels in an all-reduce that the other workers are already waiting in:
+            # the chief's replicas carry score / (its replicas), the others' carry 0.
+            local_replicas = len(self.strategy.extended.worker_devices)
+            share = float(result.get("score", float("nan"))) / local_replicas if self.is_chief else 0.0
+            result = dict(result, score=self._sum_over_replicas(share))
+        return result
 
     def _history_path(self):
         return os.path.join(self.run_dir, "history.json")
@@ -408,4 +538,3 @@ class Trainer:
             with open(tmp, "w") as f:
                 json.dump(history, f, indent=1)
             os.replace(tmp, self._history_path())
-
