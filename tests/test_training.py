@@ -262,3 +262,62 @@ def test_kill_minus_9_mid_epoch_then_resume(tmp_path):
     step_key = next(n for n in names if n.startswith("step/"))
     iter_key = next(n for n in names if n.startswith("optimizer/") and "iteration" in n)
     assert reader.get_tensor(step_key) == 80 and reader.get_tensor(iter_key) == 80
+
+
+def _cli(synth_dir, run_dir, *extra):
+    return ["--run-dir", str(run_dir), "--synthetic-dir", synth_dir, "--synthetic-train-images", "8",
+            "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
+            "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
+            "--tau", "2", "--epochs", "1", "--steps-per-epoch", "2", *extra]
+
+
+def test_resume_with_another_replica_count_is_refused_naming_both(tmp_path, synth_dir):
+    """The step-based schedule depends on the global batch: a run trained on 1 device does not
+    resume on 2 replicas; the message names both and the checkpoint stays as it was."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *_cli(synth_dir, run_dir)],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = sorted(os.listdir(run_dir / "checkpoints"))
+    second = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu-replicas", "2",
+                             *_cli(synth_dir, run_dir, "--epochs", "2")],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "1 replica(s) x batch 2 per replica" in second.stderr
+    assert "this run has 2 replica(s) x batch 2 (global batch 4)" in second.stderr
+    assert sorted(os.listdir(run_dir / "checkpoints")) == saved
+
+
+def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
+    """--backbone-weights is read once, when the run starts; model_val.py and export.py work
+    on the run after that file is gone."""
+    from nets.hrnet import backbone_spec, build_hrnet
+    from nets.spm_model import get_backbone
+    from nets.weights import save_layer_weights
+    from training_helpers import synthetic_config
+    from utils.training import Trainer
+
+    cfg = synthetic_config(str(tmp_path / "run"), synth_dir)
+    trunk = build_hrnet(backbone_spec(cfg.model), (64, 64, 3))
+    backbone = str(tmp_path / "backbone.weights.h5")
+    save_layer_weights(trunk, backbone)
+    images, targets = fixed_batch(cfg, 2)
+    trainer = Trainer(cfg.replace(backbone_weights=backbone), evaluate_fn=no_eval,
+                      pipeline=FixedPipeline(images, targets))
+    np.testing.assert_array_equal(np.asarray(get_backbone(trainer.model).get_layer("conv1").kernel),
+                                  np.asarray(trunk.get_layer("conv1").kernel))
+    trainer.fit()
+    os.remove(backbone)
+    from dataset.synthetic import ensure_synthetic_dataset
+
+    paths = ensure_synthetic_dataset(cfg)
+    val = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_val.py"), "--ckpt", cfg.train.run_dir,
+                          "--json", paths.val_json, "--images", paths.val_images, "--out", str(tmp_path / "p.json")],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert val.returncode == 0, val.stderr[-3000:]
+    assert json.loads(val.stdout.strip().splitlines()[-1])["predicted_images"] == 4
+    export = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"), "--ckpt", cfg.train.run_dir,
+                             "--out", str(tmp_path / "exported"), "--no-tflite"],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert os.path.exists(tmp_path / "exported" / "saved_model" / "saved_model.pb")
