@@ -56,6 +56,15 @@ def test_saved_model_matches_python_path(run_dir, tmp_path):
         assert np.all(got["poses"][n:] == 0)
 
 
+def _assert_same_people(got, want, atol=1e-2):
+    """Every wanted pose [J, 2] is one of ``got``'s first ``len(want)`` poses within ``atol``:
+    people whose root scores tie to float precision may come out of top-k in either order."""
+    got = np.asarray(got)[:len(want)]
+    for i, pose in enumerate(np.asarray(want)):
+        err = np.abs(got - pose).reshape(len(got), -1).max(axis=1)
+        assert err.min() <= atol + 1e-4 * np.abs(pose).max(), (i, err.min())
+
+
 def test_tflite_matches_python_path(run_dir, tmp_path):
     import tensorflow as tf
     from utils import export, predict
@@ -74,14 +83,14 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
     want, cfg = _python_path(run_dir, image)
     if meta["decoder_inside"]:
         poses = next(v for k, v in outs.items() if v.ndim == 4 and v.shape[-1] == 2)
-        np.testing.assert_allclose(poses[0, :len(want.poses)], want.poses, rtol=1e-4, atol=1e-2)
+        _assert_same_people(poses[0], want.poses)
     else:
         from nets.spr import decode
 
         root = next(v for v in outs.values() if v.shape[-1] == 1)
         disp = next(v for v in outs.values() if v.shape[-1] == 2 * cfg.skeleton.num_joints)
         dec = decode(tf.constant(root), tf.constant(disp), cfg.skeleton, cfg.spr)
-        np.testing.assert_allclose(dec.poses.numpy()[0, :len(want.poses)], want.poses, rtol=1e-4, atol=1e-2)
+        _assert_same_people(dec.poses.numpy()[0], want.poses)
 
 
 def test_checkpoint_of_another_skeleton_is_refused(run_dir):

@@ -78,18 +78,17 @@ def replicas_run(tmp_path_factory, synth_dir):
 
 
 @pytest.mark.parametrize("precision, loss_rtol, median_tol, max_tol",
-                         [("float32", 1e-5, 2e-3, 2e-3), ("float16", 1e-2, 0.15, 0.5)])
+                         [("float32", 1e-6, 1e-4, 2e-3), ("float16", 1e-3, 0.15, 0.5)])
 def test_two_logical_cpu_replicas_match_one_device(replicas_run, precision, loss_rtol, median_tol, max_tol):
-    """SGD steps on 2 replicas (synchronised BatchNorm) == the same steps on 1 device with the
-    same global batch: one step in float32; 4 steps under the float16 policy, whose loss scale
-    overflows and falls in step with the 1-device run. Per variable, the relative error of the
-    move ``|d2 - d1| / |d1|`` is measured: float32 ~1e-5 (median) and 1e-4 (worst) from
-    summation order; float16 ~6% (median) and 20% (worst), the precision of float16 activations.
-    A wrong normalisation (x2) or a replica's gradient left out gives 50-100% on every variable."""
+    """One SGD step on 2 replicas == the same step on 1 device with the same global batch, in
+    float32 and under the float16 policy with loss scaling (at a scale where neither overflows).
+    Per variable, the relative error of the move ``|d2 - d1| / |d1|`` is measured: float32
+    4e-6 (median) and 1.5e-4 (worst), summation order; float16 8% (median) and 29% (worst),
+    the precision of float16 gradients. A wrong normalisation (x2) or a replica's gradient left
+    out gives 50-100% on every variable."""
     r = replicas_run
     np.testing.assert_allclose(float(r[f"{precision}_loss_two"]), float(r[f"{precision}_loss_one"]), rtol=loss_rtol)
-    if precision == "float16":
-        assert int(r["float16_skipped_two"]) == int(r["float16_skipped_one"]) < 4
+    assert int(r[f"{precision}_skipped_two"]) == int(r[f"{precision}_skipped_one"]) == 0
     n = len([k for k in r.files if k.startswith(f"{precision}_one_")])
     errors = []
     for i in range(n):
@@ -100,8 +99,9 @@ def test_two_logical_cpu_replicas_match_one_device(replicas_run, precision, loss
 
 
 def test_float16_overflow_on_one_replica_skips_the_update_everywhere(replicas_run):
-    """Replica 1's gradient is infinite at step 1: no trainable variable changes on either
-    replica, the loss scale halves, the optimizer does not count the step; step 2 trains."""
+    """Replica 1's gradient is infinite at step 2 (float16, 2 replicas): no trainable variable
+    changes on either replica, the loss scale halves, the optimizer counts only the next step,
+    which trains."""
     r = replicas_run
     assert bool(r["overflow_unchanged"])
     assert float(r["overflow_scale_after"]) == float(r["overflow_scale_before"]) / 2

@@ -126,7 +126,9 @@ def randomise_output_kernels(model, std=0.01, seed=0):
 
 
 def synthetic_config(run_dir: str, synth_dir: str, **overrides):
-    """tiny_config on a small synthetic set (for the default evaluator): 8 training, 4 val images."""
+    """tiny_config on a small synthetic set (for the default evaluator): 8 training, 4 val images,
+    a low decoder threshold."""
+    overrides.setdefault("score_threshold", 0.02)       # random heads' peaks are found
     return tiny_config(run_dir, synthetic_dir=synth_dir, synthetic_train_images=8,
                        synthetic_val_images=4, **overrides)
 
@@ -157,75 +159,76 @@ def run_mode(mode: str, out: str, *extra: str):
     if mode == "replicas":
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from nets.spm_model import build_spm_model
         from utils.evaluation import evaluate_model
 
+        tf.keras.utils.set_random_seed(0)
         results = {}
         # One strategy object per process, as in training: two MirroredStrategy objects would
         # draw the same collective instance keys.
-        mirrored, single_device = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.OneDeviceStrategy("/cpu:0")
-        two_cpus, one_cpu = (lambda: mirrored), (lambda: single_device)
-        # SGD: the weights after one step differ from the 1-device step by lr x (summation-order
-        # noise of the gradients), deterministic to ~1e-7 on any CPU (Adam's first step,
-        # lr g / (|g| + eps), would amplify that noise for gradients near eps).
+        two_cpus, one_cpu = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.OneDeviceStrategy("/cpu:0")
+        # SGD: the weights after a step differ from the 1-device step by lr x (summation-order
+        # noise of the gradients); Adam's first step, lr g / (|g| + eps), would amplify that
+        # noise for gradients near eps. The global batch is the same 4 images twice, so each
+        # replica's BatchNorm statistics (4 images) equal the one device's (8 images): what is
+        # compared is the all-reduce, the loss normalisation and the finite decision, not the
+        # numerics of synchronised BatchNorm.
         for precision in ("", "float16"):
-            common = dict(sync_batchnorm=True, optimizer="sgd", lr=1e-2, mixed_precision=precision,
-                          steps_per_call=1)
-            cfg2 = tiny_config(os.path.join(out, f"two{precision}"), batch_size=2, **common)
-            cfg1 = tiny_config(os.path.join(out, f"one{precision}"), batch_size=4, **common)
+            common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1)
+            cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4, **common)
+            cfg1 = synthetic_config(os.path.join(out, f"one{precision}"), extra[0], batch_size=8, **common)
             images, targets = fixed_batch(cfg1, 4)
-            pipe = FixedPipeline(images, targets)
-            two = Trainer(cfg2, two_cpus(), evaluate_fn=no_eval, pipeline=pipe)
-            one = Trainer(cfg1, one_cpu(), evaluate_fn=no_eval, pipeline=pipe)
+            pipe = FixedPipeline(np.concatenate([images, images]),
+                                 {k: np.concatenate([v, v]) for k, v in targets.items()})
+            # 2 replicas: float16 overflows at replica 1 in step 2 (after the comparison)
+            two = Trainer(cfg2, two_cpus, pipeline=pipe, gradient_hook=nan_at(2, replica=1) if precision else None)
+            one = Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe)
             randomise_output_kernels(two.model)
             one.model.set_weights(two.model.get_weights())
             before = _trainable(one)
-            # float16 starts at loss scale 32768, which overflows here: both runs skip the first
-            # updates (halving the scale) until one goes through; 4 steps include real updates.
-            steps = 4 if precision else 1
-            run_two = two.run_steps(iter(two.dist_dataset), steps)
-            run_one = one.run_steps(iter(one.dist_dataset), steps)
+            if precision:
+                # A scale at which neither run overflows: where a gradient overflows depends on
+                # the batch split (the 1-device sum over 8 images overflows at 32768 here, each
+                # replica's over 4 does not), so the comparison is of one finite step.
+                for trainer in (two, one):
+                    trainer.optimizer.dynamic_scale.assign(256.0)
+            it_two = iter(two.dist_dataset)
+            run_two = two.run_steps(it_two, 1)
+            run_one = one.run_steps(iter(one.dist_dataset), 1)
             tag = precision or "float32"
             results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
                             f"{tag}_skipped_two": run_two["skipped"], f"{tag}_skipped_one": run_one["skipped"],
                             **{f"{tag}_two_{i}": w for i, w in enumerate(_trainable(two))},
                             **{f"{tag}_one_{i}": w for i, w in enumerate(_trainable(one))},
                             **{f"{tag}_before_{i}": w for i, w in enumerate(before)}})
-        # float16 on 2 replicas, replica 1's gradient made infinite at step 1: the update is
-        # skipped on both replicas and the loss scale falls; step 2 trains.
-        cfg = tiny_config(os.path.join(out, "overflow"), batch_size=2, sync_batchnorm=True, optimizer="sgd",
-                          lr=1e-2, mixed_precision="float16", steps_per_call=1)
-        images, targets = fixed_batch(cfg, 4)
-        trainer = Trainer(cfg, two_cpus(), evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets),
-                          gradient_hook=nan_at(1, replica=1))
-        randomise_output_kernels(trainer.model)
-        it = iter(trainer.dist_dataset)
-        replicas_before = [[np.array(t) for t in trainer.strategy.experimental_local_results(v)]
-                           for v in trainer.model.trainable_variables]
-        scale_before = float(trainer.optimizer.dynamic_scale.numpy())
-        first = trainer.run_steps(it, 1)
-        replicas_after = [[np.array(t) for t in trainer.strategy.experimental_local_results(v)]
-                          for v in trainer.model.trainable_variables]
-        second = trainer.run_steps(it, 1)
-        results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
-                       overflow_skipped=first["skipped"], overflow_second_skipped=second["skipped"],
-                       overflow_iterations=int(trainer.optimizer.iterations.numpy()),
-                       overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
-                                              for b, a in zip(bs, as_)),
-                       overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(trainer)),
-                       overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
-                                          zip(replicas_before, trainer.model.trainable_variables)))
-        # The default evaluator under 2 replicas == the 1-device evaluation of the same weights.
-        cfg = synthetic_config(os.path.join(out, "eval"), extra[0], batch_size=2, sync_batchnorm=True)
-        images, targets = fixed_batch(cfg, 4)
-        trainer = Trainer(cfg, two_cpus(), pipeline=FixedPipeline(images, targets))
-        randomise_output_kernels(trainer.model, std=0.3)
-        under_strategy = trainer.evaluate()
-        single = Trainer(cfg, one_cpu(), run_dir=os.path.join(out, "eval1"), evaluate_fn=no_eval,
-                         pipeline=FixedPipeline(images, targets)).model
-        single.set_weights(trainer.model.get_weights())
-        alone = evaluate_model(single, cfg)
-        for k in ("score", "ap50", "predicted_people"):
-            results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
+            if precision:
+                # Replica 1's gradient is infinite at step 2: the update is skipped on both
+                # replicas and the loss scale falls; step 3 trains.
+                per_replica = lambda: [[np.array(t) for t in two.strategy.experimental_local_results(v)]  # noqa: E731
+                                       for v in two.model.trainable_variables]
+                replicas_before, iterations = per_replica(), int(two.optimizer.iterations.numpy())
+                scale_before = float(two.optimizer.dynamic_scale.numpy())
+                first = two.run_steps(it_two, 1)
+                replicas_after = per_replica()
+                second = two.run_steps(it_two, 1)
+                results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
+                               overflow_skipped=first["skipped"], overflow_second_skipped=second["skipped"],
+                               overflow_iterations=int(two.optimizer.iterations.numpy()) - iterations,
+                               overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
+                                                      for b, a in zip(bs, as_)),
+                               overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(two)),
+                               overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
+                                                  zip(replicas_before, two.model.trainable_variables)))
+            else:
+                # The default evaluator under 2 replicas == the 1-device evaluation of the same
+                # weights (random output layers find people).
+                randomise_output_kernels(two.model, std=0.3)
+                under_strategy = two.evaluate()
+                single = build_spm_model(cfg2)
+                single.set_weights(two.model.get_weights())
+                alone = evaluate_model(single, cfg2)
+                for k in ("score", "ap50", "predicted_people"):
+                    results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
         np.savez(os.path.join(out, "replicas.npz"), **results)
     elif mode == "worker":
         from utils.distribute import make_strategy
