@@ -45,8 +45,10 @@ class DataConfig:
     num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
     deterministic: bool = False       # deterministic order and augmentation (uses seed)
     seed: int = 0
-    ignore_crowd: bool = True         # COCO: crowd regions are left out of the root-map loss
+    ignore_crowd: bool = True         # ignore regions (COCO crowds, dropped people) left out of the root-map loss
     max_val_images: int = 0           # 0 = all
+    strict_annotations: bool = False  # a person with bad values stops the read (default: dropped, counted, logged)
+    keep_empty_train_images: bool = False  # train on images without people too (COCO: ~54k of 118k)
 
 
 @dataclasses.dataclass

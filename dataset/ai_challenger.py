@@ -33,15 +33,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from config.skeletons import AI_CHALLENGER, Skeleton
 from config.skeletons import VIS_UNLABELLED
-from dataset.errors import (AnnotationError, check_keypoint_values, json_numbers, keypoint_lists,
-                            keypoint_value_names, load_json, number_rows, require_keys, where)
-from dataset.records import AIC_VISIBILITY, ImageRecord, ReadStats
+from dataset.errors import (AnnotationError, PersonProblem, box_problems, json_numbers, keypoint_lists,
+                            keypoint_problems, keypoint_value_names, load_json, number_rows, require_keys,
+                            settle_person_problems, where)
+from dataset.records import AIC_VISIBILITY, ImageRecord, ReadStats, box_region
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,18 @@ class AicAnnotations:
     Attributes:
         image_ids: the entries' ``image_id`` in file order.
         person_names: keys of ``keypoint_annotations`` (``human1``...), image by image, in file order.
-        keypoints: float64 [people, J, 3]: x, y and the file's visibility (1, 2, 3).
+        keypoints: float64 [people, J, 3]: x, y and the file's visibility (1, 2, 3 when valid).
         boxes: float64 [people, 4]: x1, y1, x2, y2 from ``human_annotations`` under the same keys.
         offsets: int64 [images + 1].
+        problems: the people with bad values (:class:`dataset.errors.PersonProblem`), for the
+            caller to settle (drop or raise).
     """
     image_ids: List[str]
     person_names: List[str]
     keypoints: np.ndarray
     boxes: np.ndarray
     offsets: np.ndarray
+    problems: List[PersonProblem]
 
     def people(self, i: int) -> slice:
         """The rows of image ``i``."""
@@ -83,12 +87,13 @@ def parse_ai_challenger(data: Any, source: str, skeleton: Skeleton = AI_CHALLENG
         source: what to call ``data`` in error messages (the file path).
         skeleton: the joint layout of the keypoint lists (3 values per joint).
 
-    Raises AnnotationError for: a top level that is not a list; an entry that is not an object or
-    lacks ``image_id``, ``human_annotations`` or ``keypoint_annotations``; an image id that is not
-    a non-empty string or appears twice; a person with keypoints but no box or the reverse; a
-    keypoint list that is not ``3 * J`` numbers, a box that is not 4 numbers; a non-numeric, NaN
-    or infinite value; a visibility outside {1, 2, 3}; a negative coordinate on a labelled joint;
-    a box with ``x2 < x1`` or ``y2 < y1``.
+    Raises AnnotationError for problems of structure: a top level that is not a list; an entry
+    that is not an object or lacks ``image_id``, ``human_annotations`` or
+    ``keypoint_annotations``; an image id that is not a non-empty string or appears twice; a
+    person with keypoints but no box or the reverse; a keypoint list that is not ``3 * J``
+    numbers, a box that is not 4 numbers; a non-numeric value. Problems of one person's values (a
+    NaN or infinite value, a visibility outside {1, 2, 3}, a negative coordinate on a labelled
+    joint, a box with ``x2 < x1`` or ``y2 < y1``) are returned in ``problems``.
     """
     if not isinstance(data, list):
         raise AnnotationError(f"{source}: an AI Challenger file is a JSON list of images, "
@@ -115,11 +120,14 @@ def parse_ai_challenger(data: Any, source: str, skeleton: Skeleton = AI_CHALLENG
 
     num_joints = skeleton.num_joints
     keypoints = number_rows(keypoint_rows, 3 * num_joints, lambda r: f"{person(r)}: keypoints",
-                            keypoint_value_names(skeleton.joint_names))
+                            keypoint_value_names(skeleton.joint_names), finite=False)
     keypoints = keypoints.reshape(len(names), num_joints, 3)
-    boxes = number_rows(box_rows, 4, lambda r: f"{person(r)}: box", BOX_VALUE_NAMES)
-    _check_values(keypoints, boxes, person, skeleton)
-    return AicAnnotations(image_ids, names, keypoints, boxes, offsets)
+    boxes = number_rows(box_rows, 4, lambda r: f"{person(r)}: box", BOX_VALUE_NAMES, finite=False)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    problems = (keypoint_problems(keypoints, person, skeleton, AIC_VISIBILITY) +
+                box_problems(boxes, BOX_VALUE_NAMES, inverted, "x2 < x1 or y2 < y1 (a negative width or height)",
+                             person))
+    return AicAnnotations(image_ids, names, keypoints, boxes, offsets, problems)
 
 
 def _check_entry(entry: Any, index: int, source: str) -> Tuple[str, dict, dict]:
@@ -146,36 +154,34 @@ def _check_entry(entry: Any, index: int, source: str) -> Tuple[str, dict, dict]:
     return image_id, keypoint_annos, human_annos
 
 
-def _check_values(keypoints: np.ndarray, boxes: np.ndarray, person: Callable[[int], str],
-                  skeleton: Skeleton) -> None:
-    """The shared keypoint checks and the box order, as arrays; ``person(row)`` names a row."""
-    check_keypoint_values(keypoints, person, skeleton, AIC_VISIBILITY)
-    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad.any():
-        n = int(np.flatnonzero(bad)[0])
-        raise AnnotationError(f"{person(n)}: box {json_numbers(boxes[n])} has x2 < x1 or y2 < y1")
-
-
 def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = None,
-                          skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReadStats]:
+                          skeleton: Skeleton = AI_CHALLENGER,
+                          strict: bool = False) -> Tuple[List[ImageRecord], ReadStats]:
     """Records of parsed AI Challenger JSON (see :func:`read_ai_challenger`).
 
     Internal visibility; unlabelled joints zeroed; people with no labelled joint or a box of zero
-    width or height left out and counted. The records' arrays are slices of two arrays for the
-    whole file (no copy per image).
+    width or height left out and counted. People with bad values are dropped, counted by reason
+    and named in the log (``strict``: AnnotationError); the box of such a person, when finite,
+    becomes an ignore region of the image, so that the person is not taught as background. The
+    records' arrays are slices of two arrays for the whole file (no copy per image).
     """
     annotations = parse_ai_challenger(data, source, skeleton)
-    file_vis = annotations.keypoints[..., 2]
+    stats = ReadStats(source=source)
+    good = settle_person_problems(annotations.problems, len(annotations.person_names), stats, strict)
+    file_vis = np.where(good[:, None], annotations.keypoints[..., 2], AIC_VISIBILITY.unlabelled)
     vis = AIC_VISIBILITY.to_internal(file_vis)
     labelled = vis > VIS_UNLABELLED
     keypoints = np.concatenate([np.where(labelled[..., None], annotations.keypoints[..., :2], 0.0),
                                 vis[..., None]], axis=-1).astype(np.float32)
     boxes = annotations.boxes
-    no_joint = ~labelled.any(axis=1)
-    zero_box = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])) & ~no_joint
-    keep = ~(no_joint | zero_box)
+    no_joint = ~labelled.any(axis=1) & good
+    zero_box = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])) & ~no_joint & good
+    keep = ~(no_joint | zero_box) & good
+    owner = np.repeat(np.arange(len(annotations.image_ids)), np.diff(annotations.offsets))
+    ignore_regions: List[List[Any]] = [[] for _ in annotations.image_ids]
+    for row in np.flatnonzero(~good & np.isfinite(boxes).all(axis=1)):
+        ignore_regions[owner[row]].append(box_region(*boxes[row]))
 
-    stats = ReadStats(source=source)
     stats.drop_people("no labelled joint", no_joint.sum())
     stats.drop_people("zero-size box", zero_box.sum())
     # the kept people, still image by image: image i owns rows kept_offsets[i]:kept_offsets[i + 1]
@@ -183,21 +189,22 @@ def ai_challenger_records(data: Any, source: str, image_dir: Optional[str] = Non
     names = [n for n, k in zip(annotations.person_names, keep.tolist()) if k]
     kept_offsets = np.concatenate([[0], np.cumsum(keep)])[annotations.offsets].tolist()
     records = []
-    for image_id, start, stop in zip(annotations.image_ids, kept_offsets[:-1], kept_offsets[1:]):
+    for i, (image_id, start, stop) in enumerate(zip(annotations.image_ids, kept_offsets[:-1], kept_offsets[1:])):
         records.append(ImageRecord(
             image_id=image_id,
             image_path=os.path.join(image_dir, image_id + IMAGE_EXTENSION) if image_dir else None,
             keypoints=keypoints[start:stop],
             boxes=boxes[start:stop],
-            person_names=names[start:stop]))
+            person_names=names[start:stop],
+            ignore_regions=ignore_regions[i]))
     stats.images = len(records)
     stats.people = len(names)
     stats.empty_images = sum(r.num_people == 0 for r in records)
     return records, stats
 
 
-def read_ai_challenger(json_path: str, image_dir: Optional[str] = None,
-                       skeleton: Skeleton = AI_CHALLENGER) -> Tuple[List[ImageRecord], ReadStats]:
+def read_ai_challenger(json_path: str, image_dir: Optional[str] = None, skeleton: Skeleton = AI_CHALLENGER,
+                       strict: bool = False) -> Tuple[List[ImageRecord], ReadStats]:
     """Read an AI Challenger keypoint file into records.
 
     Args:
@@ -205,13 +212,14 @@ def read_ai_challenger(json_path: str, image_dir: Optional[str] = None,
         image_dir: folder of the images; ``image_path`` is ``image_dir/<image_id>.jpg`` (not
             opened here: the pipeline reads the image and its size). None leaves it unset.
         skeleton: joint layout of the file.
+        strict: a person with bad values raises instead of being dropped and counted.
 
     Returns the records in file order and the statistics of what was kept and left out (also
     logged at INFO). Every image is kept, even one left with nobody: it teaches background.
 
     Raises AnnotationError for a malformed file (see :func:`parse_ai_challenger`).
     """
-    records, stats = ai_challenger_records(load_json(json_path), json_path, image_dir, skeleton)
+    records, stats = ai_challenger_records(load_json(json_path), json_path, image_dir, skeleton, strict)
     logger.info(stats.summary())
     return records, stats
 

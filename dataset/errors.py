@@ -1,8 +1,13 @@
 """What the annotation readers and writers share: the error type, JSON loading, number checks.
 
-Every problem with an annotation or prediction file raises :class:`AnnotationError` (a
-``ValueError``) whose message names the file, the record (image id, person key, joint) and the
-problem, so that a bad line in a 300 MB file can be found without a debugger.
+Every problem of *structure* in an annotation or prediction file (not JSON, wrong top level,
+wrong number of values, a non-number, duplicate ids, an unknown joint layout) raises
+:class:`AnnotationError` (a ``ValueError``) whose message names the file, the record (image id,
+person key, joint) and the problem, so that a bad line in a 300 MB file can be found without a
+debugger. A problem of *one person's values* (a NaN or infinite value, a visibility outside the
+format's set, a negative coordinate on a labelled joint, an inverted box) is a
+:class:`PersonProblem`: the readers drop that person, count it by reason and name the first few
+in the log (:func:`settle_person_problems`), or raise as for structure with ``strict``.
 
 The checks are written for speed on AI Challenger train (210k images, 380k people): the values of
 all people are checked with one C-level pass over their Python types and then as one NumPy array;
@@ -11,16 +16,21 @@ Python only loops over values to name the culprit once a check has failed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
 from config.skeletons import VIS_UNLABELLED, Skeleton
-from dataset.records import VisibilityCode
+from dataset.records import ReadStats, VisibilityCode
+
+logger = logging.getLogger(__name__)
+NAMED_PROBLEMS = 5          # people named in the log per reason; the rest are counted
 
 
 class AnnotationError(ValueError):
@@ -74,8 +84,10 @@ def _is_number_type(t: type) -> bool:
     return issubclass(t, (int, float, np.integer, np.floating)) and not issubclass(t, (bool, np.bool_))
 
 
-def number_array(values: Any, length: int, what: str, names: Optional[Sequence[str]] = None) -> np.ndarray:
-    """``values`` as float64 [length]: a list of ``length`` finite numbers, else AnnotationError.
+def number_array(values: Any, length: int, what: str, names: Optional[Sequence[str]] = None,
+                 finite: bool = True) -> np.ndarray:
+    """``values`` as float64 [length]: a list of ``length`` numbers (finite ones with ``finite``),
+    else AnnotationError.
 
     ``names`` (one per value) makes the message name the culprit, e.g. ``left_wrist y``.
     """
@@ -88,14 +100,14 @@ def number_array(values: Any, length: int, what: str, names: Optional[Sequence[s
         raise AnnotationError(f"{what}: {_value_name(i, names)} is {_json_type(values[i])} "
                               f"{values[i]!r}, not a number")
     array = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(array).all():
+    if finite and not np.isfinite(array).all():
         i = int(np.flatnonzero(~np.isfinite(array))[0])
         raise AnnotationError(f"{what}: {_value_name(i, names)} is {values[i]!r}, not a finite number")
     return array
 
 
 def number_rows(rows: Sequence[Any], length: int, describe: Callable[[int], str],
-                names: Optional[Sequence[str]] = None) -> np.ndarray:
+                names: Optional[Sequence[str]] = None, finite: bool = True) -> np.ndarray:
     """float64 [len(rows), length] of many lists of numbers (e.g. every person of a file).
 
     The fast path checks every value's type in one C-level pass and converts once; only when it
@@ -108,12 +120,12 @@ def number_rows(rows: Sequence[Any], length: int, describe: Callable[[int], str]
         types = set(map(type, itertools.chain.from_iterable(rows)))
         if all(map(_is_number_type, types)):
             array = np.array(rows, dtype=np.float64)
-            if array.shape == (len(rows), length) and np.isfinite(array).all():
+            if array.shape == (len(rows), length) and (not finite or np.isfinite(array).all()):
                 return array
     except (TypeError, ValueError):   # a row that is not a list, or rows of different lengths
         pass
     for i, row in enumerate(rows):
-        number_array(row, length, describe(i), names)
+        number_array(row, length, describe(i), names, finite)
     raise AnnotationError(f"{describe(0)}: malformed list of numbers")   # not reached
 
 
@@ -150,22 +162,84 @@ def json_numbers(values: np.ndarray, decimals: int = 3) -> list:
     return np.round(values, decimals).tolist()
 
 
-def check_keypoint_values(keypoints: np.ndarray, person: Callable[[int], str], skeleton: Skeleton,
-                          code: VisibilityCode) -> None:
-    """The value checks every format shares, as arrays over all people of a file: visibility in
-    the format's set and non-negative coordinates on labelled joints. ``keypoints`` is
-    [people, J, 3] as in the file; ``person(row)`` names a row in the message."""
-    vis = keypoints[..., 2]
-    bad = code.invalid(vis)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: {skeleton.joint_names[j]} has visibility {vis[n, j]:g}; "
-                              f"{code.format} uses {code.describe()}")
-    bad = (vis != code.unlabelled) & (keypoints[..., :2] < 0).any(axis=-1)
-    if bad.any():
-        n, j = np.argwhere(bad)[0]
-        raise AnnotationError(f"{person(n)}: labelled joint {skeleton.joint_names[j]} has a "
-                              f"negative coordinate ({keypoints[n, j, 0]:g}, {keypoints[n, j, 1]:g})")
+@dataclasses.dataclass
+class PersonProblem:
+    """People of a file with one kind of bad value: ``mask`` bool [people];
+    ``describe(row)`` is the message for one of them (file, image, person, joint, value)."""
+    reason: str
+    mask: np.ndarray
+    describe: Callable[[int], str]
+
+
+def _first_joint(bad: np.ndarray, n: int) -> int:
+    return int(np.flatnonzero(bad[n])[0])
+
+
+def _non_finite(values: np.ndarray, names: Sequence[str], what: str) -> Callable[[int], str]:
+    """Message maker for a row of ``values`` [people, V] with a non-finite value."""
+    def describe(n: int) -> str:
+        i = int(np.flatnonzero(~np.isfinite(values[n]))[0])
+        return f"{what(n)}: {names[i]} (value {i}) is {values[n, i]!r}, not a finite number"
+    return describe
+
+
+def keypoint_problems(keypoints: np.ndarray, person: Callable[[int], str], skeleton: Skeleton,
+                      code: VisibilityCode) -> List[PersonProblem]:
+    """The value checks every format shares, as arrays over all people of a file: finite values,
+    visibility in the format's set, non-negative coordinates on labelled joints. ``keypoints`` is
+    [people, J, 3] as in the file; ``person(row)`` names a row in the messages."""
+    names, vis = skeleton.joint_names, keypoints[..., 2]
+    non_finite = ~np.isfinite(keypoints).all(axis=-1)
+    bad_vis = code.invalid(vis) & ~non_finite
+    negative = (vis != code.unlabelled) & (keypoints[..., :2] < 0).any(axis=-1) & ~non_finite & ~bad_vis
+    return [
+        PersonProblem("non-finite keypoint value", non_finite.any(axis=1),
+                      _non_finite(keypoints.reshape(len(keypoints), 3 * len(names)), keypoint_value_names(names),
+                                  lambda n: f"{person(n)}: keypoints")),
+        PersonProblem("visibility outside the format's set", bad_vis.any(axis=1), lambda n: (
+            f"{person(n)}: {names[_first_joint(bad_vis, n)]} has visibility "
+            f"{vis[n, _first_joint(bad_vis, n)]:g}; {code.format} uses {code.describe()}")),
+        PersonProblem("negative coordinate on a labelled joint", negative.any(axis=1), lambda n: (
+            f"{person(n)}: labelled joint {names[_first_joint(negative, n)]} has a negative coordinate "
+            f"({keypoints[n, _first_joint(negative, n), 0]:g}, {keypoints[n, _first_joint(negative, n), 1]:g})")),
+    ]
+
+
+def box_problems(file_boxes: np.ndarray, names: Sequence[str], inverted: np.ndarray, inverted_text: str,
+                 person: Callable[[int], str]) -> List[PersonProblem]:
+    """Non-finite values and inverted boxes; ``file_boxes`` [people, 4] as the file writes them
+    (value ``names``), ``inverted`` bool [people] (a negative width or height, which
+    ``inverted_text`` says in the file's terms)."""
+    non_finite = ~np.isfinite(file_boxes).all(axis=1)
+    return [PersonProblem("non-finite box value", non_finite,
+                          _non_finite(file_boxes, names, lambda n: f"{person(n)}: box")),
+            PersonProblem("inverted box", inverted & ~non_finite, lambda n: (
+                f"{person(n)}: box {json_numbers(file_boxes[n])} has {inverted_text}"))]
+
+
+def settle_person_problems(problems: Sequence[PersonProblem], num_people: int, stats: ReadStats,
+                           strict: bool) -> np.ndarray:
+    """bool [people]: the people with none of ``problems``.
+
+    ``strict``: the first problem raises AnnotationError. Otherwise each problem's people are
+    dropped and counted in ``stats`` by reason, and the first few of each reason are named in a
+    warning (a person with several problems is counted under the first).
+    """
+    bad = np.zeros(num_people, bool)
+    for problem in problems:
+        rows = np.flatnonzero(problem.mask & ~bad)
+        if not len(rows):
+            continue
+        if strict:
+            raise AnnotationError(problem.describe(int(rows[0])))
+        stats.drop_people(problem.reason, len(rows))
+        named = "; ".join(problem.describe(int(r)) for r in rows[:NAMED_PROBLEMS])
+        more = f" (and {len(rows) - NAMED_PROBLEMS} more)" if len(rows) > NAMED_PROBLEMS else ""
+        logger.warning("%s: dropped %d %s with a %s: %s%s (--strict-annotations makes this an error)",
+                       stats.source, len(rows), "person" if len(rows) == 1 else "people", problem.reason,
+                       named, more)
+        bad |= problem.mask
+    return ~bad
 
 
 def keypoint_lists(keypoints: np.ndarray, code: VisibilityCode) -> list:

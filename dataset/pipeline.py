@@ -112,12 +112,18 @@ def split_paths(cfg, split: str) -> Tuple[str, str]:
 
 
 def load_records(cfg, split: str) -> Tuple[List[ImageRecord], ReadStats]:
-    """Records of ``split`` (``train`` or ``val``, at most ``max_val_images`` for ``val``)."""
+    """Records of ``split`` (``train`` or ``val``, at most ``max_val_images`` for ``val``).
+
+    People with bad values are dropped and counted (``strict_annotations``: an error); COCO's
+    training split leaves out images without a person (``keep_empty_train_images`` keeps them);
+    validation keeps every image."""
     json_path, image_dir = split_paths(cfg, split)
+    strict = cfg.data.strict_annotations
     if cfg.data.dataset == "coco":
-        records, stats = read_coco(json_path, image_dir, cfg.skeleton)
+        records, stats = read_coco(json_path, image_dir, cfg.skeleton, strict,
+                                   keep_empty=split == "val" or cfg.data.keep_empty_train_images)
     else:
-        records, stats = read_ai_challenger(json_path, image_dir, cfg.skeleton)
+        records, stats = read_ai_challenger(json_path, image_dir, cfg.skeleton, strict)
     if split == "val" and cfg.data.max_val_images > 0:
         records = records[:cfg.data.max_val_images]
     return records, stats

@@ -148,6 +148,13 @@ class ReadStats:
         return "; ".join(parts)
 
 
+def box_region(x1: float, y1: float, x2: float, y2: float) -> List[List[float]]:
+    """A box as an ignore region (a COCO polygon), whichever way round its corners are given."""
+    x1, x2 = sorted((float(x1), float(x2)))
+    y1, y2 = sorted((float(y1), float(y2)))
+    return [[x1, y1, x2, y1, x2, y2, x1, y2]]
+
+
 def empty_people(num_joints: int) -> Tuple[np.ndarray, np.ndarray]:
     """keypoints [0, J, 3] and boxes [0, 4] of an image with nobody."""
     return np.zeros((0, num_joints, 3), np.float32), np.zeros((0, 4), np.float32)

@@ -42,8 +42,12 @@ is keyed by name: HDF5 group ``layers/<layer name>`` holding one dataset per var
 
 from __future__ import annotations
 
+import inspect
+import io
 import logging
 import os
+import pickletools
+import zipfile
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import h5py
@@ -171,6 +175,86 @@ def load_state_dict(model: keras.Model, state_dict, ignore_prefixes: Sequence[st
     return sorted(ignored)
 
 
+# What a PyTorch state_dict pickle may import: containers, tensor and storage rebuilders, dtypes.
+_TORCH_DTYPES = {"float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
+                 "int32", "int64", "uint8", "bool", "long", "int", "short"}
+_ALLOWED_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("_codecs", "encode")}
+
+
+def _allowed_global(module: str, name: str) -> bool:
+    if (module, name) in _ALLOWED_GLOBALS:
+        return True
+    if module == "torch._utils":
+        return name.startswith("_rebuild_")
+    if module == "torch":
+        return name.endswith("Storage") or name in _TORCH_DTYPES
+    return False
+
+
+def check_pickle_globals(data: bytes, source: str) -> None:
+    """Refuse a pickle that would import anything but what a state_dict needs.
+
+    Reads the opcodes with ``pickletools`` (nothing is executed): every ``GLOBAL`` /
+    ``STACK_GLOBAL`` / ``INST`` must name a container, a tensor or storage rebuilder or a dtype
+    (``_allowed_global``); a pickled object of any other class, or a call such as ``os.system``,
+    raises ValueError naming it.
+    """
+    strings: List[str] = []
+    stream = io.BytesIO(data)
+    # a legacy (non-zip) file holds five pickles in a row, then raw storage bytes
+    for _ in range(5):
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if opcode.name in ("GLOBAL", "INST"):
+                    module, name = arg.split(" ", 1)
+                elif opcode.name == "STACK_GLOBAL":
+                    if len(strings) < 2:
+                        raise ValueError(f"{source}: a STACK_GLOBAL without its module and name strings")
+                    module, name = strings[-2], strings[-1]
+                else:
+                    continue
+                if not _allowed_global(module, name):
+                    raise ValueError(f"{source}: refused: the checkpoint's pickle imports {module}.{name}, "
+                                     f"which a state_dict of tensors never needs (a checkpoint is data; "
+                                     f"nothing of it was run)")
+        except ValueError as e:
+            if "refused" in str(e) or "STACK_GLOBAL" in str(e):
+                raise
+            raise ValueError(f"{source}: not a readable pickle ({e})") from None
+        if stream.tell() >= len(data):
+            break
+
+
+def _torch_load_weights(path: str):
+    """``torch.load`` of tensors only: the pickle is checked first, then loaded with
+    ``weights_only=True`` (PyTorch 1.13 or newer; an older one is refused)."""
+    try:
+        import torch  # optional dependency: needed only for .pth checkpoints
+    except ImportError:
+        raise ValueError(f"{path}: reading a PyTorch checkpoint needs the torch package; "
+                         f"install it, or save the state_dict as .npz with NumPy "
+                         f"(np.savez(out, **{{k: v.numpy() for k, v in sd.items()}}))") from None
+    if "weights_only" not in inspect.signature(torch.load).parameters:
+        raise ValueError(f"{path}: PyTorch {torch.__version__} cannot load weights only "
+                         f"(torch.load(weights_only=True) needs 1.13 or newer); upgrade it, or save "
+                         f"the state_dict as .npz with NumPy where it was made")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        raise ValueError(f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {e})") from None
+
+
+def _pickles_of(path: str) -> List[Tuple[str, bytes]]:
+    """The pickles of a ``.pth``: ``*/data.pkl`` of the zip format, or the legacy stream."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return [(f"{path}:{n}", z.read(n)) for n in z.namelist() if n.endswith(".pkl")]
+    with open(path, "rb") as f:
+        return [(path, f.read())]
+
+
 def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     """Read a state_dict from ``.pth`` (needs PyTorch) or ``.npz`` (keys -> arrays)."""
     if not os.path.isfile(path):
@@ -182,16 +266,9 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable .npz state_dict ({e})") from None
     if path.endswith((".pth", ".pt", ".pth.tar")):
-        try:
-            import torch  # optional dependency: needed only for .pth checkpoints
-        except ImportError:
-            raise ValueError(f"{path}: reading a PyTorch checkpoint needs the torch package; "
-                             f"install it, or save the state_dict as .npz with NumPy "
-                             f"(np.savez(out, **{{k: v.numpy() for k, v in sd.items()}}))") from None
-        try:
-            loaded = torch.load(path, map_location="cpu")
-        except Exception as e:  # torch raises many types for corrupt files
-            raise ValueError(f"{path}: torch.load failed ({type(e).__name__}: {e})") from None
+        for source, data in _pickles_of(path):
+            check_pickle_globals(data, source)
+        loaded = _torch_load_weights(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a state_dict or {{'state_dict': ...}}, "
                              f"got {type(loaded).__name__}")

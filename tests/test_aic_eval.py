@@ -340,3 +340,26 @@ def test_official_loops_reproduce_the_published_example_score():
     with open(AIC_PREDICTIONS) as f:
         submit = json.load(f)
     assert "%.8f" % official_score(ref, submit)[0] == "0.99674031"
+
+
+def test_reference_with_odd_people_scores_as_the_official_script():
+    """A reference the official script accepts (a negative coordinate on a labelled joint, a
+    visibility outside 1-3, an inverted box) scores as the official loops score it; a NaN is an
+    error naming the person."""
+    with open(AIC_ANNOTATIONS) as f:
+        ref = json.load(f)[:40]
+    first, second = ref[0], ref[1]
+    name = next(iter(first["keypoint_annotations"]))
+    first["keypoint_annotations"][name][0] = -3                 # labelled joint, negative x
+    name2 = next(iter(second["keypoint_annotations"]))
+    second["keypoint_annotations"][name2][2] = 4                # visibility outside 1-3
+    box = second["human_annotations"][name2]
+    box[0], box[2] = box[2], box[0]                             # inverted box
+    submit = perturbed_predictions(ref, np.random.default_rng(2))
+    expected_score, expected_oks = official_score(ref, submit)
+    result = score_predictions(ref, submit)
+    assert result.score == pytest.approx(expected_score, abs=1e-12)
+    np.testing.assert_allclose(result.oks, expected_oks, rtol=0, atol=1e-12)
+    first["keypoint_annotations"][name][1] = float("nan")
+    with pytest.raises(AnnotationError, match=rf"gt\.json: image '{first['image_id']}', person '{name}'.*not a finite"):
+        score_predictions(ref, submit, ref_source="gt.json")

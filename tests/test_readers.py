@@ -54,26 +54,54 @@ AIC_BAD = {
                           ["'img1'", "'human2'", "right_elbow y", "not a number"]),
     "boolean value": (lambda d: set_value(d, 0, "keypoint_annotations", "human2", 3, True),
                       ["'img1'", "'human2'", "right_elbow x", "not a number"]),
-    "NaN": (lambda d: set_value(d, 0, "keypoint_annotations", "human1", 0, float("nan")),
-            ["'img1'", "'human1'", "right_shoulder x", "not a finite number"]),
-    "infinity": (lambda d: set_value(d, 0, "human_annotations", "human1", 2, float("inf")),
-                 ["'img1'", "'human1'", "box", "x2", "not a finite number"]),
-    "negative labelled coordinate": (lambda d: set_value(d, 0, "keypoint_annotations", "human1", 40, -3),
-                                     ["'img1'", "'human1'", "neck", "negative coordinate"]),
-    "visibility 0": (lambda d: set_value(d, 0, "keypoint_annotations", "human2", 5, 0),
-                     ["'img1'", "'human2'", "right_elbow", "visibility 0"]),
-    "visibility 4": (lambda d: set_value(d, 0, "keypoint_annotations", "human2", 41, 4),
-                     ["'img1'", "'human2'", "neck", "visibility 4"]),
-    "box x2 < x1": (lambda d: set_value(d, 0, "human_annotations", "human2", 2, -1),
-                    ["'img1'", "'human2'", "x2 < x1"]),
-    "box y2 < y1": (lambda d: set_value(d, 0, "human_annotations", "human1", 3, 9),
-                    ["'img1'", "'human1'", "y2 < y1"]),
     "keypoints without box": (lambda d: d[0]["human_annotations"].pop("human2") and d,
                               ["'img1'", "'human2'", "no box"]),
     "box without keypoints": (lambda d: d[0]["keypoint_annotations"].pop("human1") and d,
                               ["'img1'", "'human1'", "no keypoints"]),
     "duplicate image id": (lambda d: d + [copy.deepcopy(d[1])], ["'img2'", "duplicate image id"]),
 }
+
+# Problems of one person's values: (change, message fragments, the person, the counted reason).
+AIC_PERSON_BAD = {
+    "NaN": (lambda d: set_value(d, 0, "keypoint_annotations", "human1", 0, float("nan")),
+            ["'img1'", "'human1'", "right_shoulder x", "not a finite number"], "human1", "non-finite keypoint value"),
+    "infinity": (lambda d: set_value(d, 0, "human_annotations", "human1", 2, float("inf")),
+                 ["'img1'", "'human1'", "box", "x2", "not a finite number"], "human1", "non-finite box value"),
+    "negative labelled coordinate": (lambda d: set_value(d, 0, "keypoint_annotations", "human1", 40, -3),
+                                     ["'img1'", "'human1'", "neck", "negative coordinate"], "human1",
+                                     "negative coordinate on a labelled joint"),
+    "visibility 0": (lambda d: set_value(d, 0, "keypoint_annotations", "human2", 5, 0),
+                     ["'img1'", "'human2'", "right_elbow", "visibility 0"], "human2",
+                     "visibility outside the format's set"),
+    "visibility 4": (lambda d: set_value(d, 0, "keypoint_annotations", "human2", 41, 4),
+                     ["'img1'", "'human2'", "neck", "visibility 4"], "human2", "visibility outside the format's set"),
+    "box x2 < x1": (lambda d: set_value(d, 0, "human_annotations", "human2", 2, -1),
+                    ["'img1'", "'human2'", "x2 < x1"], "human2", "inverted box"),
+    "box y2 < y1": (lambda d: set_value(d, 0, "human_annotations", "human1", 3, 9),
+                    ["'img1'", "'human1'", "y2 < y1"], "human1", "inverted box"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AIC_PERSON_BAD))
+def test_ai_challenger_one_bad_person_is_dropped_counted_and_named_or_strict_raises(tmp_path, case, caplog):
+    change, fragments, bad, reason = AIC_PERSON_BAD[case]
+    path = write(tmp_path, change(aic_file()))
+    with caplog.at_level(logging.WARNING, logger="dataset.errors"):
+        records, stats = read_ai_challenger(path)
+    good = {"human1", "human2"} - {bad}
+    assert records[0].person_names == sorted(good) and stats.people == 1
+    assert stats.dropped_people == {reason: 1}
+    for fragment in [path] + fragments:
+        assert fragment in caplog.text, (case, caplog.text)
+    if "non-finite box" not in reason:                # its box stands as an ignore region
+        box = change(aic_file())[0]["human_annotations"][bad]
+        x1, x2 = sorted(box[0::2])
+        y1, y2 = sorted(box[1::2])
+        assert [[x1, y1, x2, y1, x2, y2, x1, y2]] in records[0].ignore_regions
+    with pytest.raises(AnnotationError) as e:
+        read_ai_challenger(path, strict=True)
+    for fragment in [path] + fragments:
+        assert fragment in str(e.value), (case, str(e.value))
 
 
 @pytest.mark.parametrize("case", sorted(AIC_BAD))
@@ -221,14 +249,8 @@ COCO_BAD = {
     "duplicate annotation id": (lambda d: d["annotations"][1].update(id=10) or d,
                                 ["annotation 10", "duplicate annotation id"]),
     "unknown image": (lambda d: d["annotations"][0].update(image_id=99) or d, ["annotation 10", "99"]),
-    "negative bbox width": (lambda d: d["annotations"][0].update(bbox=[10, 20, -1, 40]) or d,
-                            ["image 1", "annotation 10", "negative width"]),
     "keypoint count": (lambda d: d["annotations"][0].update(keypoints=[1, 2, 2]) or d,
                        ["image 1", "annotation 10", "expected 51 numbers, got 3"]),
-    "visibility 3": (lambda d: d["annotations"][0]["keypoints"].__setitem__(2, 3) or d,
-                     ["image 1", "annotation 10", "nose", "visibility 3"]),
-    "negative coordinate": (lambda d: d["annotations"][0]["keypoints"].__setitem__(27, -4) or d,
-                            ["image 1", "annotation 10", "left_wrist", "negative coordinate"]),
     "string coordinate": (lambda d: d["annotations"][0]["keypoints"].__setitem__(0, "15") or d,
                           ["image 1", "annotation 10", "nose x", "not a number"]),
 }
@@ -242,3 +264,42 @@ def test_coco_bad_input_names_file_and_record(tmp_path, case):
         read_coco(path)
     for fragment in [path] + fragments:
         assert fragment in str(e.value), (case, str(e.value))
+
+
+COCO_PERSON_BAD = {
+    "negative bbox width": (lambda d: d["annotations"][0].update(bbox=[10, 20, -1, 40]) or d,
+                            ["image 1", "annotation 10", "negative width"], "inverted box"),
+    "visibility 3": (lambda d: d["annotations"][0]["keypoints"].__setitem__(2, 3) or d,
+                     ["image 1", "annotation 10", "nose", "visibility 3"], "visibility outside the format's set"),
+    "negative coordinate": (lambda d: d["annotations"][0]["keypoints"].__setitem__(27, -4) or d,
+                            ["image 1", "annotation 10", "left_wrist", "negative coordinate"],
+                            "negative coordinate on a labelled joint"),
+    "NaN": (lambda d: d["annotations"][0]["keypoints"].__setitem__(1, float("nan")) or d,
+            ["image 1", "annotation 10", "nose y", "not a finite number"], "non-finite keypoint value"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COCO_PERSON_BAD))
+def test_coco_one_bad_person_is_dropped_counted_and_named_or_strict_raises(tmp_path, case, caplog):
+    change, fragments, reason = COCO_PERSON_BAD[case]
+    path = write(tmp_path, change(coco_file()))
+    with caplog.at_level(logging.WARNING, logger="dataset.errors"):
+        records, stats = read_coco(path)
+    assert records[0].num_people == 0 and stats.people == 0          # annotation 10 was the only person
+    assert stats.dropped_people[reason] == 1
+    assert len(records[0].ignore_regions) == 3                        # crowd, keypoint-less, and its box
+    for fragment in [path] + fragments:
+        assert fragment in caplog.text, (case, caplog.text)
+    with pytest.raises(AnnotationError) as e:
+        read_coco(path, strict=True)
+    for fragment in [path] + fragments:
+        assert fragment in str(e.value), (case, str(e.value))
+
+
+def test_coco_training_split_leaves_out_images_without_people(tmp_path):
+    path = write(tmp_path, coco_file())
+    kept, stats = read_coco(path, keep_empty=False)
+    assert [r.image_id for r in kept] == ["1"]
+    assert stats.dropped_images == {"no person to train on": 2} and stats.images == 1
+    every, _ = read_coco(path)
+    assert [r.image_id for r in every] == ["1", "2", "3"]

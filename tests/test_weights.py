@@ -190,3 +190,58 @@ def test_converter_tool_exits_with_one_clear_line(tmp_path, capsys, official_npz
     assert code == 1 and len(err) == 1
     assert official_npz[0] in err[0] and "wrong shape" in err[0] and "hrnet_w32" in err[0]
     assert not os.path.exists(tmp_path / "w32.weights.h5")
+
+
+class Payload:
+    """Stands for any non-tensor object a downloaded checkpoint might carry."""
+
+    def __reduce__(self):
+        import os
+        return os.system, ("touch " + MARKER,)
+
+
+class Plain:
+    """A plain object of a class of its own (no code in its pickle, but not a tensor)."""
+
+
+MARKER = "/tmp/spm_test_unpickled_marker"
+
+
+def _pth(tmp_path, obj, name="evil.pth"):
+    """A .pth in PyTorch's zip layout (``archive/data.pkl``) holding ``obj`` pickled."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(obj, protocol=2))
+        z.writestr("archive/version", "3\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("obj, named", [(Payload(), "posix.system"),
+                                        ({"w": Plain()}, "test_weights.Plain")])
+def test_pth_with_a_pickled_non_tensor_object_is_refused_unrun(tmp_path, obj, named):
+    import os
+    from nets.weights import read_state_dict
+
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    path = _pth(tmp_path, obj)
+    with pytest.raises(ValueError, match=rf"evil\.pth:archive/data\.pkl: refused: .*{named}"):
+        read_state_dict(path)
+    assert not os.path.exists(MARKER)                  # nothing of the pickle ran
+
+
+def test_pth_of_plain_containers_passes_the_check_and_needs_torch(tmp_path):
+    import collections
+    import importlib.util
+    from nets.weights import read_state_dict
+
+    path = _pth(tmp_path, collections.OrderedDict(conv1=[1.0, 2.0]), "ok.pth")
+    if importlib.util.find_spec("torch") is None:
+        with pytest.raises(ValueError, match=r"ok\.pth: reading a PyTorch checkpoint needs the torch package"):
+            read_state_dict(path)
+    else:
+        with pytest.raises(ValueError, match="weights_only"):   # lists are not tensors
+            read_state_dict(path)

@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="where to write the predictions json")
     parser.add_argument("--flip", action="store_true", help="flip testing")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--strict-annotations", action="store_true",
+                        help="a person with bad values is an error (default: left out, counted, logged)")
     parser.add_argument("--config", default=None, help="config.json to build the model from (default: the run's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -53,9 +55,9 @@ def main(argv=None) -> int:
         if not os.path.isdir(args.images):
             raise FileNotFoundError(f"{args.images}: no such image folder")
         if fmt == "aic":
-            records, stats = ai_challenger_records(data, args.json, args.images)
+            records, stats = ai_challenger_records(data, args.json, args.images, strict=args.strict_annotations)
         else:
-            records, stats = coco_records(data, args.json, args.images)
+            records, stats = coco_records(data, args.json, args.images, strict=args.strict_annotations)
         if not records:
             raise ValueError(f"{args.json}: no images to predict")
 

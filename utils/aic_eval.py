@@ -49,8 +49,9 @@ import numpy as np
 
 from config.skeletons import AI_CHALLENGER
 from dataset.ai_challenger import parse_ai_challenger
-from dataset.records import AIC_VISIBILITY
-from dataset.errors import AnnotationError, keypoint_value_names, load_json, number_rows, where
+from dataset.records import AIC_VISIBILITY, ReadStats
+from dataset.errors import (AnnotationError, keypoint_value_names, load_json, number_rows, settle_person_problems,
+                            where)
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
 DELTA = 2 * np.array(AI_CHALLENGER.oks_sigmas, np.float64)
@@ -108,12 +109,17 @@ def load_reference(ref: Union[List[Any], AicReference], source: str = "reference
     """Validate an AI Challenger annotation list (parsed JSON) for scoring.
 
     Every person counts, trainable or not (unlike the training reader): the official score
-    counts them. Raises AnnotationError for malformed input (see
-    ``dataset.ai_challenger.parse_ai_challenger``).
+    counts them, and it accepts what the official script accepts: a negative coordinate, a
+    visibility other than 1 (only 1 counts), an inverted box (its area, as the official computes
+    it). Raises AnnotationError for malformed structure (see
+    ``dataset.ai_challenger.parse_ai_challenger``) and for a NaN or infinite value, which would
+    make the official score NaN.
     """
     if isinstance(ref, AicReference):
         return ref
     annotations = parse_ai_challenger(ref, source, AI_CHALLENGER)
+    settle_person_problems([p for p in annotations.problems if p.reason.startswith("non-finite")],
+                           len(annotations.person_names), ReadStats(source), strict=True)
     boxes = annotations.boxes
     scale = ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).astype(np.float32)
     scale_plus_one = scale.astype(np.float64) + 1
