@@ -179,7 +179,7 @@ def _non_finite(values: np.ndarray, names: Sequence[str], what: str) -> Callable
     """Message maker for a row of ``values`` [people, V] with a non-finite value."""
     def describe(n: int) -> str:
         i = int(np.flatnonzero(~np.isfinite(values[n]))[0])
-        return f"{what(n)}: {names[i]} (value {i}) is {values[n, i]!r}, not a finite number"
+        return f"{what(n)}: {names[i]} (value {i}) is {float(values[n, i])}, not a finite number"
     return describe
 
 
@@ -235,7 +235,7 @@ def settle_person_problems(problems: Sequence[PersonProblem], num_people: int, s
         stats.drop_people(problem.reason, len(rows))
         named = "; ".join(problem.describe(int(r)) for r in rows[:NAMED_PROBLEMS])
         more = f" (and {len(rows) - NAMED_PROBLEMS} more)" if len(rows) > NAMED_PROBLEMS else ""
-        logger.warning("%s: dropped %d %s with a %s: %s%s (--strict-annotations makes this an error)",
+        logger.warning("%s: dropped %d %s (%s): %s%s (--strict-annotations makes this an error)",
                        stats.source, len(rows), "person" if len(rows) == 1 else "people", problem.reason,
                        named, more)
         bad |= problem.mask
@@ -255,7 +255,7 @@ def keypoint_lists(keypoints: np.ndarray, code: VisibilityCode) -> list:
     vis = keypoints[..., 2].astype(np.int64)
     xy = np.where((vis > VIS_UNLABELLED)[..., None], keypoints[..., :2], 0.0)
     file_vis = code.to_file(vis)
-    rows = np.concatenate([xy, file_vis[..., None]], axis=-1).reshape(len(keypoints), -1)
+    rows = np.concatenate([xy, file_vis[..., None]], axis=-1).reshape(len(keypoints), 3 * keypoints.shape[1])
     if np.array_equal(xy, np.round(xy)):
         return rows.astype(np.int64).tolist()
     rows = np.round(rows, 3).tolist()

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "pipeline": ("tools.benchmarks.pipeline", "images/s through the training input pipeline"),
     "infer": ("tools.benchmarks.infer", "end-to-end images/s of model_val"),
     "train": ("tools.benchmarks.train", "ms per training step with 1 and N steps per tf.function call"),
+    "scale": ("tools.benchmarks.scale", "reading, first batch and memory at the real data sets' size"),
 }
 
 
