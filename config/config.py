@@ -74,6 +74,7 @@ class SprConfig:
     sigma: float = 7.0                # root Gaussian, output-map pixels
     tau: float = 7.0                  # displacement radius around the anchor, output-map pixels
     z_norm: str = "diag"              # diag: Z = sqrt(H^2 + W^2) of the output map | one: Z = 1
+    z_value: float = 0.0              # Z fixed by the trained network (set when a run is loaded); 0 = from z_norm
     nms_window: int = 5               # max-pool window of the root-peak search
     score_threshold: float = 0.3      # root-peak threshold
     max_people: int = 30              # top-k root peaks per image

@@ -117,8 +117,16 @@ def letterbox_tf(image, dst_h: int, dst_w: int):
     new_w = tf.clip_by_value(tf.cast(tf.round(src_w * s), tf.int32), 1, dst_w)
     pad_y = (dst_h - new_h) // 2
     pad_x = (dst_w - new_w) // 2
-    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
-                              method="bilinear", antialias=True)
+    # The resize of letterbox_image: OpenCV's INTER_AREA when shrinking (pixel-area averaging,
+    # tf's "area"), INTER_LINEAR otherwise (half-pixel bilinear, tf's "bilinear" without
+    # antialiasing), rounded to whole grey levels as OpenCV's uint8 output is: they agree to
+    # 1 grey level in 255 (tests/test_letterbox.py).
+    size = tf.stack([new_h, new_w])
+    pixels = tf.cast(image, tf.float32)
+    resized = tf.cond(new_w < tf.shape(image)[1],
+                      lambda: tf.image.resize(pixels, size, method="area"),
+                      lambda: tf.image.resize(pixels, size, method="bilinear"))
+    resized = tf.round(resized) if image.dtype == tf.uint8 else resized
     out = tf.image.pad_to_bounding_box(resized, pad_y, pad_x, dst_h, dst_w)
     params = tf.stack([tf.cast(new_w, tf.float64) / src_w, tf.cast(new_h, tf.float64) / src_h,
                        tf.cast(pad_x, tf.float64), tf.cast(pad_y, tf.float64)])

@@ -55,8 +55,9 @@ ROOT_PRIOR = 0.01                       # initial root-map value everywhere
 BACKBONE_NAME = "backbone"
 
 
-def build_spm_model(cfg) -> keras.Model:
-    """The SPM model of ``cfg`` (a ``config.Config``), with fresh weights.
+def build_spm_model(cfg, any_size: bool = False) -> keras.Model:
+    """The SPM model of ``cfg`` (a ``config.Config``), with fresh weights; with ``any_size`` its
+    input is ``[B, None, None, 3]`` (any multiple of 32: the same weights, for inference).
 
     ``cfg.model.backbone_weights`` is not loaded here: the training loop loads it once, when a
     run starts from nothing (a trained run carries its own weights, wherever it is moved).
@@ -65,7 +66,7 @@ def build_spm_model(cfg) -> keras.Model:
     if cfg.spr.output_stride != STEM_STRIDE:
         raise ValueError(f"config field 'output_stride' is {cfg.spr.output_stride}; the HRNet "
                          f"heads predict at stride {STEM_STRIDE}")
-    height, width = cfg.data.input_height, cfg.data.input_width
+    height, width = (None, None) if any_size else (cfg.data.input_height, cfg.data.input_width)
     multi_scale = mcfg.head == "hrnetv2"
     trunk = build_hrnet(backbone_spec(mcfg), (height, width, 3), multi_scale_output=multi_scale,
                         sync_batchnorm=mcfg.sync_batchnorm, name=BACKBONE_NAME)

@@ -28,7 +28,8 @@ Conventions (both directions)
   position. Reading it at *any* position ``q`` inside the written disc (nearest cell, or bilinear
   interpolation at ``q``, which is exact for a linear field) gives back the float joint
   ``p_j = q + Z * value``: decoding is sub-pixel exact. ``Z = sqrt(h^2 + w^2)`` of the output map
-  (``z_norm="diag"``, the paper) or 1 (``"one"``).
+  (``z_norm="diag"``, the paper) or 1 (``"one"``). Z is a property of the trained network (the
+  map it was trained at): ``z_value`` > 0 fixes it for decoding maps of any other size.
 * **Anchors and reading positions.** Joint ``j`` is written in the disc of radius ``tau`` (cell
   centres within ``tau``) around its anchor and read at the anchor: the root cell centre, or the
   position of its parent joint. Reading positions are clamped to the cell-centre range
@@ -84,7 +85,12 @@ def output_hw(input_hw: Sequence[int], stride: int) -> Tuple[int, int]:
 
 
 def z_factor(h: int, w: int, z_norm: str) -> float:
-    """Displacement normaliser Z: the output map's diagonal ("diag", the paper) or 1 ("one")."""
+    """Displacement normaliser Z: the output map's diagonal ("diag", the paper) or 1 ("one").
+
+    Z belongs to the trained network: it is the diagonal of the map it was *trained* at.
+    ``SprConfig.z_value`` > 0 fixes it (``utils.predict.load_trained_model`` sets it from the
+    run's config), so that maps of another input size decode with the Z the network learned.
+    """
     if z_norm == "diag":
         return math.sqrt(h * h + w * w)
     if z_norm == "one":
@@ -208,7 +214,7 @@ def encode(keypoints: np.ndarray, boxes: np.ndarray, skeleton: Skeleton, spr_cfg
     stride = spr_cfg.output_stride
     h, w = output_hw(input_hw, stride)
     _check_tau(spr_cfg.tau)
-    z = z_factor(h, w, spr_cfg.z_norm)
+    z = spr_cfg.z_value or z_factor(h, w, spr_cfg.z_norm)
     parents = anchor_parents(skeleton, spr_cfg.anchor)
     J = skeleton.num_joints
     keypoints = np.asarray(keypoints, np.float64)
@@ -357,7 +363,9 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
         if disp.shape[-1] is not None and disp.shape[-1] != 2 * J:
             raise ValueError(f"disp has {disp.shape[-1]} channels; skeleton {skeleton.name} "
                              f"expects {2 * J}")
-        if spr_cfg.z_norm == "diag":       # the map size may be a tensor: z_factor's formula in TF
+        if spr_cfg.z_value:                # the trained network's Z, whatever this map's size
+            z = tf.constant(spr_cfg.z_value, tf.float32)
+        elif spr_cfg.z_norm == "diag":     # the map size may be a tensor: z_factor's formula in TF
             z = tf.sqrt(tf.cast(h * h + w * w, tf.float32))
         else:                              # size-independent; z_factor validates the name
             z = tf.constant(z_factor(1, 1, spr_cfg.z_norm), tf.float32)

@@ -29,31 +29,55 @@ def _image(h, w, seed=1):
     return np.random.default_rng(seed).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
 
 
-def test_saved_model_matches_python_path(run_dir, tmp_path):
+def _jpeg(image):
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return data.tobytes()
+
+
+def test_saved_model_takes_a_batch_of_jpeg_bytes_of_different_sizes(run_dir, tmp_path):
+    """serving_default: three JPEG byte strings of three sizes in one call give each image's
+    poses in its own pixels, those of the Python path (OpenCV decode and letterbox) to 1/50 px."""
+    import cv2
     import tensorflow as tf
     from utils import export, predict
 
     model, cfg = predict.load_trained_model(run_dir)
     out = export.export_saved_model(model, cfg, str(tmp_path / "sm"))
     serve = tf.saved_model.load(out).signatures[export.SIGNATURE]
-    for h, w in [(64, 64), (50, 90)]:
-        image = _image(h, w)
-        got = {k: v.numpy() for k, v in serve(image=tf.constant(image)).items()}
-        want, _ = _python_path(run_dir, image)
-        n = int(got["num_people"])
+    blobs = [_jpeg(_image(h, w, seed)) for seed, (h, w) in enumerate([(64, 64), (50, 90), (150, 120)])]
+    got = {k: v.numpy() for k, v in serve(images=tf.constant(blobs)).items()}
+    assert got["poses"].shape == (3, cfg.spr.max_people, cfg.skeleton.num_joints, 2)
+    predictor = predict.Predictor(model, cfg)
+    for b, blob in enumerate(blobs):
+        image = cv2.cvtColor(cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        want, = predict.predict_images(predictor, [image])
+        n = int(got["num_people"][b])
         assert n == len(want.poses) == 8
-        if (h, w) == (64, 64):   # no resize: the very same pixels, the very same poses
-            np.testing.assert_allclose(got["poses"][:n], want.poses, rtol=1e-5, atol=2e-2)  # 1/50 px
-            np.testing.assert_allclose(got["scores"][:n], want.scores, atol=1e-6)
-            np.testing.assert_allclose(got["roots"][:n], want.roots, atol=1e-4)
-        else:   # the in-graph resize interpolates a little differently from OpenCV's
-            assert np.all(np.isfinite(got["poses"][:n]))
-            # roots are output-cell centres mapped back through the same letterbox
-            from dataset.letterbox import letterbox_params, to_network
+        _assert_same_people(got["poses"][b, :n], want.poses, atol=2e-2)           # 1/50 px
+        assert np.all(got["poses"][b, n:] == 0)
+        assert got["poses"][b, :n, :, 0].max() > image.shape[1] / 4              # image pixels, not network
 
-            cells = to_network(got["roots"][:n], letterbox_params(h, w, 64, 64)) / 4 - 0.5
-            np.testing.assert_allclose(cells, np.round(cells), atol=1e-3)
-        assert np.all(got["poses"][n:] == 0)
+
+def test_saved_model_flip_and_pixels_signature_equal_the_predictor(run_dir, tmp_path):
+    """The ``images`` (uint8) signature of a --flip export equals Predictor(flip=True)."""
+    import tensorflow as tf
+    from utils import export, predict
+
+    model, cfg = predict.load_trained_model(run_dir)
+    out = export.export_saved_model(model, cfg, str(tmp_path / "sm_flip"), flip=True)
+    serve = tf.saved_model.load(out).signatures[export.IMAGES_SIGNATURE]
+    images = np.stack([_image(64, 64, seed) for seed in (3, 4)])
+    got = {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
+    wanted = predict.predict_images(predict.Predictor(model, cfg, flip=True), list(images))
+    plain = predict.predict_images(predict.Predictor(model, cfg), list(images))
+    for b, want in enumerate(wanted):
+        n = int(got["num_people"][b])
+        assert n == len(want.poses)
+        _assert_same_people(got["poses"][b, :n], want.poses, atol=2e-2)
+        assert np.abs(want.poses - plain[b].poses).max() > 0.1   # flipping changed the answer
 
 
 def _assert_same_people(got, want, atol=1e-2):

@@ -102,3 +102,39 @@ def test_spm_model_test_writes_a_video(run_and_data, tmp_path):
     while cap.read()[0]:
         frames += 1
     assert frames == 3
+    assert "3 frames in" in r.stdout and "frames/s" in r.stdout
+
+
+def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_poses(run_and_data, tmp_path):
+    """--json with --flip --scales 1,2 --long-side 320: each picture's poses in its own pixels,
+    under its file stem, as the Python path gives them; model_val takes the same flags."""
+    run, paths = run_and_data
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = sorted(os.listdir(paths.val_images))[:2]
+    for n in names:
+        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    out_json = tmp_path / "poses.json"
+    flags = ["--flip", "--scales", "1,2", "--long-side", "320"]
+    r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", tmp_path / "out",
+             "--json", out_json, *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = {e["image_id"]: e["keypoint_annotations"] for e in json.load(open(out_json))}
+    assert sorted(got) == sorted(os.path.splitext(n)[0] for n in names)
+    from dataset.pipeline import read_rgb
+    from utils import predict
+
+    model, cfg = predict.load_trained_model(run)
+    predictor = predict.Predictor(model, cfg, flip=True, scales=(1.0, 2.0))
+    for n in names:
+        image = read_rgb(os.path.join(folder, n))
+        want, = predict.predict_images(predictor, [image], long_side=320)
+        people = got[os.path.splitext(n)[0]]
+        assert len(people) == len(want.poses) > 0
+        poses = np.array([v for v in people.values()]).reshape(len(people), -1, 3)[..., :2]
+        np.testing.assert_allclose(poses, want.poses, atol=0.01)      # rounded to 0.01 px in the file
+    r = _run("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
+             "--out", tmp_path / "pred.json", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["scales"] == [1.0, 2.0] and result["long_side"] == 320 and result["predicted_images"] == 4

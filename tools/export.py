@@ -26,12 +26,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--config", default=None, help="config.json to build the model from")
     parser.add_argument("--flip", action="store_true", help="flip testing inside the SavedModel")
+    parser.add_argument("--scales", default="1", help="multi-scale testing inside the SavedModel, e.g. 0.5,1,2")
     parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     try:
+        scales = predict.parse_scales(args.scales)
         model, cfg = predict.load_trained_model(args.ckpt, args.config)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     result = {}
     if args.saved_model:
         result["saved_model"] = export.export_saved_model(model, cfg, os.path.join(args.out, "saved_model"),
-                                                          flip=args.flip)
+                                                          flip=args.flip,
+                                                          scales=scales)
         print(f"SavedModel: {result['saved_model']}")
     if args.tflite:
         path = os.path.join(args.out, "spm.tflite")

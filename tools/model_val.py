@@ -6,7 +6,10 @@
 ``--ckpt`` is a run directory (its config.json rebuilds the model) or a ``.weights.h5`` file with
 a config.json beside it. AI Challenger json in: AI Challenger predictions out, and the official
 AI Challenger score when the annotations hold keypoints. COCO json in: COCO results out, and the
-pycocotools COCOeval AP table. ``--flip`` averages the maps of the image and of its mirror.
+pycocotools COCOeval AP table. ``--flip`` averages the maps of the image and of its mirror,
+``--scales 0.5,1,2`` the maps of the rescaled inputs; ``--long-side N`` runs each image at its own
+input size (aspect ratio kept, long side N, padded to a multiple of 32) instead of the training
+square.
 The last line is one JSON object.
 """
 
@@ -42,6 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--format", choices=("aic", "coco"), default=None, help="default: from the json")
     parser.add_argument("--out", default=None, help="where to write the predictions json")
     parser.add_argument("--flip", action="store_true", help="flip testing")
+    parser.add_argument("--scales", default="1", help="multi-scale testing, e.g. 0.5,1,2 (default 1)")
+    parser.add_argument("--long-side", type=int, default=0,
+                        help="each image at its own input size with this long side (multiple of 32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--strict-annotations", action="store_true",
                         help="a person with bad values is an error (default: left out, counted, logged)")
@@ -64,9 +70,12 @@ def main(argv=None) -> int:
         model, cfg = predict.load_trained_model(args.ckpt, args.config,
                                                   expect_skeleton="ai_challenger" if fmt == "aic" else "coco")
         cfg = cfg.replace(dataset="ai_challenger" if fmt == "aic" else "coco")
-        predictor = predict.Predictor(model, cfg, flip=args.flip)
+        if args.long_side:
+            predict.input_size(1, 1, args.long_side)             # validates the value
+        predictor = predict.Predictor(model, cfg, flip=args.flip, scales=predict.parse_scales(args.scales))
         start = time.time()
-        predictions, pipeline = predict.predict_records(predictor, records, args.batch_size, progress=True)
+        predictions, pipeline = predict.predict_records(predictor, records, args.batch_size, progress=True,
+                                                        long_side=args.long_side)
         seconds = time.time() - start
     except (AnnotationError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,7 +89,8 @@ def main(argv=None) -> int:
         json.dump(out_records, f)
     result = {"predictions": os.path.abspath(out), "images": len(records),
               "predicted_images": len(predictions), "skipped_images": pipeline.skipped.count,
-              "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2), "flip": args.flip}
+              "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2), "flip": args.flip,
+              "scales": list(predictor.scales), "long_side": args.long_side}
     print(f"{len(predictions)} images in {seconds:.1f} s ({result['images_per_s']} images/s); "
           f"predictions written to {out}")
     if sum(r.num_people for r in records):

@@ -3,15 +3,21 @@
     python3 tools/spm_model_test.py --ckpt runs/tiny_synthetic --imgs photo.jpg --output out/
     python3 tools/spm_model_test.py --ckpt RUN --imgs folder/ --output out/ --score 0.3
     python3 tools/spm_model_test.py --ckpt RUN --video clip.mp4 --output out/     # writes out/clip.mp4
+    python3 tools/spm_model_test.py --ckpt RUN --imgs photos/ --output out/ --long-side 1024 \
+        --flip --scales 0.5,1,2 --json out/poses.json
 
 Each person is drawn in the skeleton's colours with a marker at its root and the root score.
 Headless by default; ``--show`` also opens a window where a display exists. Flags of the earlier
 implementation: ``--score`` (root threshold), ``--dist`` (root NMS radius in output-map cells:
 window 2 * dist + 1), ``--netH``/``--netW`` (network input size; the weights are resolution-free).
-Prints the latency per frame.
+``--long-side N`` runs each picture at its own input size (aspect ratio kept, long side N, padded to
+a multiple of 32); ``--flip`` and ``--scales`` average the maps of mirrored and rescaled inputs;
+``--json FILE`` writes the poses of every picture in the AI Challenger submission format (image id
+= file stem) in the picture's pixels. Prints the latency per frame, and frames/s for a video.
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from utils import predict  # noqa: E402
 from utils.drawing import draw_prediction  # noqa: E402
+from utils.evaluation import aic_prediction  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -52,6 +59,10 @@ def main(argv=None) -> int:
     parser.add_argument("--netH", type=int, default=None, help="network input height (multiple of 32)")
     parser.add_argument("--netW", type=int, default=None, help="network input width (multiple of 32)")
     parser.add_argument("--flip", action="store_true", help="flip testing")
+    parser.add_argument("--scales", default="1", help="multi-scale testing, e.g. 0.5,1,2 (default 1)")
+    parser.add_argument("--long-side", type=int, default=0,
+                        help="each picture at its own input size with this long side (multiple of 32)")
+    parser.add_argument("--json", default=None, help="also write the poses as AI Challenger submission json")
     parser.add_argument("--show", action="store_true", help="also show a window (needs a display)")
     parser.add_argument("--config", default=None, help="config.json to build the model from")
     args = parser.parse_args(argv)
@@ -71,8 +82,10 @@ def main(argv=None) -> int:
             overrides["input_height"] = args.netH
         if args.netW:
             overrides["input_width"] = args.netW
+        if args.long_side:
+            predict.input_size(1, 1, args.long_side)             # validates the value
         model, cfg = predict.load_trained_model(args.ckpt, args.config, overrides=overrides)
-        predictor = predict.Predictor(model, cfg, flip=args.flip)
+        predictor = predict.Predictor(model, cfg, flip=args.flip, scales=predict.parse_scales(args.scales))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,12 +94,14 @@ def main(argv=None) -> int:
     if args.show and not show:
         print("warning: --show needs a display (DISPLAY is not set); writing files only", file=sys.stderr)
 
+    submission = []
+
     def process(rgb):
         start = time.perf_counter()
-        prediction, = predict.predict_images(predictor, [rgb])
+        prediction, = predict.predict_images(predictor, [rgb], long_side=args.long_side)
         ms = (time.perf_counter() - start) * 1000
         drawn = draw_prediction(rgb, prediction, cfg.skeleton)
-        return drawn, len(prediction.poses), ms
+        return drawn, prediction, ms
 
     latencies = []
     if files is not None:
@@ -96,9 +111,12 @@ def main(argv=None) -> int:
             if bgr is None or bgr.size == 0:
                 print(f"warning: {path}: unreadable image, skipped", file=sys.stderr)
                 continue
-            drawn, n, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            drawn, prediction, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            n = len(prediction.poses)
             latencies.append(ms)
-            out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + "_spm.png")
+            stem = os.path.splitext(os.path.basename(path))[0]
+            submission.append(aic_prediction(stem, prediction.poses))
+            out = os.path.join(args.output, stem + "_spm.png")
             cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             written += 1
             print(f"{path}: {n} people, {ms:.1f} ms -> {out}")
@@ -109,6 +127,10 @@ def main(argv=None) -> int:
         if not written:
             print(f"error: no readable image in {args.imgs}", file=sys.stderr)
             return 2
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(submission, f)
+            print(f"poses of {len(submission)} pictures written to {args.json}")
     else:
         cap = cv2.VideoCapture(args.video)
         if not cap.isOpened():
@@ -117,11 +139,13 @@ def main(argv=None) -> int:
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         out = os.path.join(args.output, os.path.splitext(os.path.basename(args.video))[0] + ".mp4")
         writer = None
+        video_start = time.perf_counter()
         while True:
             ok, bgr = cap.read()
             if not ok:
                 break
-            drawn, n, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            drawn, prediction, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            n = len(prediction.poses)
             latencies.append(ms)
             if writer is None:
                 writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps,
@@ -137,7 +161,9 @@ def main(argv=None) -> int:
             print(f"error: {args.video}: no frame could be read", file=sys.stderr)
             return 2
         writer.release()
-        print(f"video written to {out}")
+        seconds = time.perf_counter() - video_start
+        print(f"video written to {out}: {len(latencies)} frames in {seconds:.1f} s, "
+              f"{len(latencies) / seconds:.1f} frames/s (read, predict, draw, write)")
     steady = latencies[1:] or latencies
     print(f"latency per frame: first {latencies[0]:.1f} ms (tracing), then median "
           f"{float(np.median(steady)):.1f} ms over {len(steady)} frames")

@@ -1,10 +1,18 @@
-"""Exports: a SavedModel that goes from any uint8 image to poses, and a TFLite network.
+"""Exports: a SavedModel that goes from image bytes or pixels to poses, and a TFLite network.
 
-SavedModel (``serving_default``): ``image`` uint8 ``[H, W, 3]`` RGB of any size ->
-``poses`` float32 ``[K, J, 2]`` (original image pixels), ``scores`` float32 ``[K]``, ``roots``
-float32 ``[K, 2]`` and ``num_people`` int32 ``[]``. The letterbox (``dataset.letterbox.letterbox_tf``,
-the same geometry as training), the network, the SPR decoder and the mapping back to the image
-all run inside the graph; the first ``num_people`` slots hold the people, by decreasing score.
+SavedModel, two batched signatures, each returning ``poses`` float32 ``[B, K, J, 2]`` (each
+image's own pixels), ``scores`` float32 ``[B, K]``, ``roots`` float32 ``[B, K, 2]`` and
+``num_people`` int32 ``[B]`` (``K = max_people``; the first ``num_people`` slots of an image hold
+its people by decreasing score, the rest are zeros):
+
+* ``serving_default``: ``images`` string ``[B]``, encoded JPEG or PNG bytes of any sizes (what a
+  server receives; TF Serving's REST API takes them as ``{"b64": ...}``);
+* ``images``: ``images`` uint8 ``[B, H, W, 3]`` RGB, one size per batch.
+
+Per image the letterbox (``dataset.letterbox.letterbox_tf``, the geometry of training), then for
+the batch the network (with flip and scale averaging when exported so,
+``utils.predict.network_maps``), the SPR decoder with the training Z, and the mapping back to the
+image all run inside the graph.
 
 TFLite: the network and the decoder on a letterboxed float32 ``[1, H, W, 3]`` image (0..255),
 returning poses in network-input pixels; the letterbox stays outside (TFLite has no
@@ -17,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Sequence
 
 import keras
 import tensorflow as tf
@@ -27,38 +35,66 @@ from dataset.letterbox import letterbox_tf
 from nets.spr import decode
 from utils.predict import network_maps
 
-SIGNATURE = "serving_default"
+SIGNATURE = "serving_default"     # encoded image bytes
+IMAGES_SIGNATURE = "images"       # uint8 pixels
 
 
-def build_serving_module(model, cfg: Config, flip: bool = False):
-    """A tf.Module whose ``serve(image)`` is the exported signature (module docstring)."""
+def build_serving_module(model, cfg: Config, flip: bool = False, scales: Sequence[float] = (1.0,)):
+    """A tf.Module with the two exported signatures (module docstring) as ``serve_encoded`` and
+    ``serve_images``."""
     skeleton, spr = cfg.skeleton, cfg.spr
     H, W = cfg.data.input_height, cfg.data.input_width
+    scales = tuple(float(s) for s in scales)
+
+    def letterboxed(one):
+        return letterbox_tf(one, H, W)
 
     class SpmServing(tf.Module):
         def __init__(self):
             super().__init__(name="spm_serving")
             self.model = model
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8, name="image")])
-        def serve(self, image):
-            tf.debugging.assert_positive(tf.size(image), message="empty image")
-            x, params = letterbox_tf(image, H, W)
-            root, disp = network_maps(self.model, x[None], skeleton, flip)
+        def _poses(self, x, params):
+            """Network and decoder on a letterboxed batch; poses mapped back per image."""
+            root, disp = network_maps(self.model, x, skeleton, flip, scales)
             dec = decode(root, disp, skeleton, spr)
-            scale, pad = params[:2], params[2:]
-            valid = tf.sequence_mask(dec.num_people, spr.max_people)[0]
-            poses = tf.where(valid[:, None, None], (dec.poses[0] - pad) / scale, 0.0)
-            roots = tf.where(valid[:, None], (dec.roots[0] - pad) / scale, 0.0)
-            return {"poses": poses, "scores": dec.scores[0], "roots": roots,
-                    "num_people": dec.num_people[0]}
+            scale, pad = params[:, None, None, :2], params[:, None, None, 2:]
+            valid = tf.sequence_mask(dec.num_people, spr.max_people)
+            poses = tf.where(valid[:, :, None, None], (dec.poses - pad) / scale, 0.0)
+            roots = tf.where(valid[:, :, None], (dec.roots - pad[:, 0]) / scale[:, 0], 0.0)
+            return {"poses": poses, "scores": dec.scores, "roots": roots, "num_people": dec.num_people}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve_encoded(self, images):
+            def one(data):
+                # JPEG decoded as OpenCV decodes it in training (libjpeg's accurate integer
+                # IDCT; TF's default fast IDCT differs by up to 8 grey levels); PNG and others
+                # losslessly.
+                image = tf.cond(tf.io.is_jpeg(data),
+                                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                                lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+                tf.debugging.assert_positive(tf.size(image), message="empty image")
+                return letterboxed(image)
+
+            x, params = tf.map_fn(one, images, fn_output_signature=(
+                tf.TensorSpec([H, W, 3], tf.float32), tf.TensorSpec([4], tf.float32)))
+            return self._poses(x, params)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+        def serve_images(self, images):
+            tf.debugging.assert_positive(tf.size(images), message="empty images")
+            x, params = tf.map_fn(letterboxed, images, fn_output_signature=(
+                tf.TensorSpec([H, W, 3], tf.float32), tf.TensorSpec([4], tf.float32)))
+            return self._poses(x, params)
 
     return SpmServing()
 
 
-def export_saved_model(model, cfg: Config, out_dir: str, flip: bool = False) -> str:
-    module = build_serving_module(model, cfg, flip)
-    tf.saved_model.save(module, out_dir, signatures={SIGNATURE: module.serve})
+def export_saved_model(model, cfg: Config, out_dir: str, flip: bool = False,
+                       scales: Sequence[float] = (1.0,)) -> str:
+    module = build_serving_module(model, cfg, flip, scales)
+    tf.saved_model.save(module, out_dir, signatures={SIGNATURE: module.serve_encoded,
+                                                     IMAGES_SIGNATURE: module.serve_images})
     cfg.save(out_dir)
     return out_dir
 

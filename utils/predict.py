@@ -7,10 +7,18 @@ One path serves the training loop's evaluation (``utils/evaluation.py``), ``tool
     predictor = Predictor(model, cfg, flip=False)         # network + in-graph SPR decoder
     predictions, _ = predict_records(predictor, records)  # poses in original image coordinates
     predictions = predict_images(predictor, images)       # in-memory images of any size
+    predictions = predict_images(predictor, images, long_side=1024)   # each at its own input size
 
-Flip testing (``flip=True``, :func:`network_maps`) runs the network on the image and on its
-mirror, mirrors the second maps back (left and right channels swapped, x displacements negated:
-``nets.spr.flip_maps``), averages the maps, and decodes once.
+Any input size works (a multiple of 32; :func:`input_size` for ``--long-side``): the decoder
+always uses the displacement scale Z of the *training* input (``load_trained_model`` fixes
+``spr.z_value``), which is what the network learned.
+
+Flip testing (``flip=True``) runs the network on the image and on its mirror, mirrors the second
+maps back (left and right channels swapped, x displacements negated: ``nets.spr.flip_maps``).
+Multi-scale testing (``scales=(0.5, 1, 2)``) runs the network on the letterboxed batch resized by
+each factor (to a multiple of 32), resizes every scale's maps to the maps of scale 1 (the
+displacements multiplied by the ratio of the map sizes, so they stay in scale-1 map pixels).
+All maps are averaged and decoded once (:func:`network_maps`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ import tensorflow as tf
 from config import CONFIG_FILENAME, Config, load_config
 from config.skeletons import Skeleton
 from dataset.letterbox import letterbox_image, letterbox_params, to_original
-from dataset.pipeline import InputPipeline
+from dataset.pipeline import ImageError, InputPipeline, read_rgb
 from dataset.records import ImageRecord
 from nets.spm_model import build_spm_model
-from nets.spr import flip_maps, make_decoder
+from nets.spr import flip_maps, make_decoder, z_factor
 
 WEIGHT_FILES = ("best.weights.h5", "final.weights.h5")
 
@@ -73,6 +81,9 @@ def load_trained_model(path: str, config_path: Optional[str] = None, expect_skel
         overrides: config fields to change before building, e.g. another ``input_height`` (the
             network is fully convolutional, the weights fit any multiple of 32) or decoder
             settings (``score_threshold``, ``nms_window``).
+
+    The returned config's ``z_value`` is the training input's displacement scale Z, whatever the
+    overrides: decoding at another input size is exact only with the Z the network learned.
     """
     default_config, weights = resolve_weights(path)
     config_path = config_path or default_config
@@ -84,9 +95,9 @@ def load_trained_model(path: str, config_path: Optional[str] = None, expect_skel
         raise ValueError(f"{path} is a model of the {cfg.data.skeleton} skeleton "
                          f"({cfg.skeleton.num_joints} joints, preset {cfg.preset}); these annotations "
                          f"need the {expect_skeleton} skeleton")
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    model = build_spm_model(cfg)
+    trained_z = cfg.spr.z_value or z_factor(*cfg.output_shape, cfg.spr.z_norm)
+    cfg = cfg.replace(**{"z_value": trained_z, **(overrides or {})})
+    model = build_spm_model(cfg, any_size=True)
     try:
         if weights.endswith(".h5"):
             model.load_weights(weights)
@@ -102,32 +113,74 @@ def load_trained_model(path: str, config_path: Optional[str] = None, expect_skel
 
 # ----------------------------------------------------------------------------- prediction
 
-def network_maps(model, images, skeleton: Skeleton, flip: bool = False):
-    """float32 ``(root, disp)`` maps of a letterboxed batch; with ``flip`` the average of the
-    maps of the images and of their mirrors (mirrored back). The one flip averaging of the
-    repository: the predictor and the exported model both call it."""
-    out = model(images, training=False)
-    root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
-    if flip:
-        out_f = model(tf.reverse(images, axis=[2]), training=False)
-        root_f, disp_f = flip_maps(tf.cast(out_f["root"], tf.float32), tf.cast(out_f["disp"], tf.float32),
-                                   skeleton)
-        root, disp = (root + root_f) / 2.0, (disp + disp_f) / 2.0
-    return root, disp
+def input_size(height: int, width: int, long_side: int, multiple: int = 32) -> Tuple[int, int]:
+    """Network input (H, W) for an image of ``height x width`` at ``long_side`` pixels on its
+    longer side, aspect ratio kept: the letterboxed size rounded up to a multiple of 32."""
+    if long_side <= 0 or long_side % multiple:
+        raise ValueError(f"--long-side {long_side} must be a positive multiple of {multiple}")
+    s = long_side / max(height, width)
+    return (max(multiple, -(-round(height * s) // multiple) * multiple),
+            max(multiple, -(-round(width * s) // multiple) * multiple))
+
+
+def parse_scales(text: str) -> Tuple[float, ...]:
+    """``"0.5,1,2"`` -> (0.5, 1.0, 2.0): the ``--scales`` of the tools (positive factors)."""
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers such as 0.5,1,2, got {text!r}") from None
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"--scales must be positive, got {text!r}")
+    return scales
+
+
+def _scaled_size(size, scale: float, multiple: int = 32):
+    return tf.maximum(multiple, tf.cast(tf.round(tf.cast(size, tf.float32) * scale / multiple), tf.int32) * multiple)
+
+
+def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: Sequence[float] = (1.0,)):
+    """float32 ``(root, disp)`` maps of a letterboxed batch [B, H, W, 3], at the maps' size of
+    ``images``: the average over ``scales`` (and, with ``flip``, over the mirrored images, their
+    maps mirrored back). The one flip and scale averaging of the repository: the predictor and
+    the exported model both call it."""
+    shape = tf.shape(images)
+    map_hw = tf.stack([shape[1] // 4, shape[2] // 4])
+    roots, disps = [], []
+    for scale in scales:
+        x = images
+        if scale != 1.0:
+            size = tf.stack([_scaled_size(shape[1], scale), _scaled_size(shape[2], scale)])
+            x = tf.image.resize(images, size, method="bilinear", antialias=scale < 1.0)
+        views = [(x, False)] + ([(tf.reverse(x, axis=[2]), True)] if flip else [])
+        for view, mirrored in views:
+            out = model(view, training=False)
+            root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
+            if mirrored:
+                root, disp = flip_maps(root, disp, skeleton)
+            if scale != 1.0:
+                # back to the scale-1 map: positions and displacements scale by the size ratio
+                ratio = tf.cast(map_hw, tf.float32) / tf.cast(tf.shape(disp)[1:3], tf.float32)
+                root = tf.image.resize(root, map_hw, method="bilinear")
+                disp = tf.image.resize(disp, map_hw, method="bilinear") * tf.tile(ratio[::-1], [skeleton.num_joints])
+            roots.append(root)
+            disps.append(disp)
+    return tf.add_n(roots) / len(roots), tf.add_n(disps) / len(disps)
 
 
 class Predictor:
-    """Network + SPR decoder in one graph: float32 images [B, H, W, 3] (0..255, letterboxed) ->
-    poses [B, K, J, 2] (network-input pixels), scores [B, K], num_people [B]."""
+    """Network + SPR decoder in one graph: float32 images [B, H, W, 3] (0..255, letterboxed, any
+    H and W multiple of 32) -> poses [B, K, J, 2] (network-input pixels), scores [B, K],
+    num_people [B]; ``flip`` and ``scales`` as :func:`network_maps`."""
 
-    def __init__(self, model, cfg: Config, flip: bool = False):
-        self.model, self.cfg, self.flip = model, cfg, flip
-        h, w = cfg.data.input_height, cfg.data.input_width
-        self.maps = tf.function(lambda images: network_maps(model, images, cfg.skeleton, flip),
-                                input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32)])
+    def __init__(self, model, cfg: Config, flip: bool = False, scales: Sequence[float] = (1.0,)):
+        self.model, self.cfg, self.flip, self.scales = model, cfg, flip, tuple(float(s) for s in scales)
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, got {scales}")
+        self.maps = tf.function(lambda images: network_maps(model, images, cfg.skeleton, flip, self.scales),
+                                input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         # The decoder alone is compiled with XLA (about 2.5x faster on CPU, nets/spr.py); the
-        # network is left to the regular graph.
-        self.decode = make_decoder(cfg.skeleton, cfg.spr, cfg.output_shape, jit_compile=True)
+        # network is left to the regular graph. Each new map size traces once.
+        self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True)
 
     def __call__(self, images):
         """:class:`nets.spr.Decoded` of a float32 batch [B, H, W, 3] (0..255, letterboxed)."""
@@ -155,16 +208,28 @@ def _unbatch(decoded, letterboxes, records) -> List[Prediction]:
 
 
 def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_size: int = 8,
-                    progress: bool = False) -> Tuple[List[Prediction], InputPipeline]:
-    """Predict every record's image with the evaluation pipeline (decode + letterbox in parallel).
+                    progress: bool = False, long_side: int = 0) -> Tuple[List[Prediction], InputPipeline]:
+    """Predict every record's image with the evaluation pipeline (decode + letterbox in parallel),
+    or, with ``long_side``, one image at a time, each at its own input size.
 
     Returns ``(predictions, pipeline)``; images that cannot be read are skipped with a warning and
     counted in ``pipeline.skipped`` (they get no prediction).
     """
     pipeline = InputPipeline(predictor.cfg, "val", records)
-    dataset = pipeline.eval_dataset(batch_size)
     bar = keras.utils.Progbar(len(records), unit_name="image") if progress else None
     out: List[Prediction] = []
+    if long_side:
+        for done, record in enumerate(records, start=1):
+            try:
+                image = read_rgb(record.image_path)
+            except ImageError as e:
+                pipeline.skipped.add(e)
+                continue
+            out.extend(predict_images(predictor, [image], long_side, [record]))
+            if bar is not None:
+                bar.update(done)
+        return out, pipeline
+    dataset = pipeline.eval_dataset(batch_size)
     done = 0
     for images, info in dataset:
         out.extend(_unbatch(predictor(images), info["letterbox"].numpy(),
@@ -175,12 +240,23 @@ def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_
     return out, pipeline
 
 
-def predict_images(predictor: Predictor, images: Sequence[np.ndarray]) -> List[Prediction]:
+def predict_images(predictor: Predictor, images: Sequence[np.ndarray], long_side: int = 0,
+                   records: Optional[Sequence[Optional[ImageRecord]]] = None) -> List[Prediction]:
     """Predictions for in-memory uint8 RGB images of any sizes, each in its own coordinates.
 
-    Letterboxed exactly as in training (dataset/letterbox.py)."""
+    Letterboxed exactly as in training (dataset/letterbox.py) to the configured input size, or,
+    with ``long_side``, each to its own size (:func:`input_size`; then one image per call).
+    """
     cfg = predictor.cfg
+    records = list(records) if records is not None else [None] * len(images)
+    if long_side:
+        out: List[Prediction] = []
+        for image, record in zip(images, records):
+            h, w = input_size(image.shape[0], image.shape[1], long_side)
+            lb = letterbox_params(image.shape[0], image.shape[1], h, w)
+            out.extend(_unbatch(predictor(letterbox_image(image, lb)[None].astype(np.float32)), [lb], [record]))
+        return out
     h, w = cfg.data.input_height, cfg.data.input_width
     boxes = [letterbox_params(im.shape[0], im.shape[1], h, w) for im in images]
     batch = np.stack([letterbox_image(im, lb) for im, lb in zip(images, boxes)]).astype(np.float32)
-    return _unbatch(predictor(batch), boxes, [None] * len(images))
+    return _unbatch(predictor(batch), boxes, records)
