@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import math
+import os
 from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
@@ -66,6 +67,14 @@ def load_json(path: str) -> Any:
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON: not UTF-8 text ({e.reason} at byte "
                               f"{e.start})") from None
+
+
+def save_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
 
 
 def require_keys(obj: Any, keys: Sequence[str], what: str) -> None:

@@ -112,7 +112,8 @@ def split_paths(cfg, split: str) -> Tuple[str, str]:
 
 
 def load_records(cfg, split: str) -> Tuple[List[ImageRecord], ReadStats]:
-    """Records of ``split`` (``train`` or ``val``, at most ``max_val_images`` for ``val``).
+    """Records of ``split`` (``train`` or ``val``; all of them: ``max_val_images`` is the
+    evaluator's subset, ``utils.evaluation.Evaluator``).
 
     People with bad values are dropped and counted (``strict_annotations``: an error); COCO's
     training split leaves out images without a person (``keep_empty_train_images`` keeps them);
@@ -124,8 +125,6 @@ def load_records(cfg, split: str) -> Tuple[List[ImageRecord], ReadStats]:
                                    keep_empty=split == "val" or cfg.data.keep_empty_train_images)
     else:
         records, stats = read_ai_challenger(json_path, image_dir, cfg.skeleton, strict)
-    if split == "val" and cfg.data.max_val_images > 0:
-        records = records[:cfg.data.max_val_images]
     return records, stats
 
 

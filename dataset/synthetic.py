@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -46,6 +45,7 @@ import numpy as np
 from config.skeletons import Skeleton, get_skeleton
 from dataset.ai_challenger import to_ai_challenger_json
 from dataset.convert import aic_to_coco
+from dataset.errors import save_json
 from config.skeletons import VIS_OCCLUDED, VIS_UNLABELLED, VIS_VISIBLE
 from dataset.records import ImageRecord
 
@@ -558,11 +558,11 @@ def generate_synthetic_dataset(out_dir: str, num_train: int, num_val: int, seed:
     records = _render_splits(seed, counts, paths, workers, options)
     for split in SPLITS:
         aic = to_ai_challenger_json(records[split])
-        _write_json(getattr(paths, f"{split}_json"), aic)
+        save_json(getattr(paths, f"{split}_json"), aic)
         sizes = {r.image_id: (r.width, r.height) for r in records[split]}
-        _write_json(getattr(paths, f"{split}_coco_json"),
+        save_json(getattr(paths, f"{split}_coco_json"),
                     aic_to_coco(aic, image_sizes=sizes, source=getattr(paths, f"{split}_json")))
-    _write_json(marker, {"generator_version": GENERATOR_VERSION, "seed": seed, "train": num_train,
+    save_json(marker, {"generator_version": GENERATOR_VERSION, "seed": seed, "train": num_train,
                          "val": num_val, "options": dataclasses.asdict(options)})
     return paths
 
@@ -588,13 +588,6 @@ def _render_splits(seed: int, counts: Dict[str, int], paths: SyntheticPaths, wor
     for (split, _), part in zip(jobs, parts):
         records[split] += part
     return records
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def synthetic_cache_key(seed: int, num_train: int, num_val: int) -> str:

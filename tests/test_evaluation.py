@@ -16,3 +16,24 @@ def test_prediction_records():
     res = coco_results(7, poses[:1], np.array([0.5]))
     assert res[0]["image_id"] == 7 and res[0]["category_id"] == 1 and res[0]["score"] == 0.5
     assert len(res[0]["keypoints"]) == 3 * J and res[0]["keypoints"][3:6] == [2.25, 3.25, 1.0]
+
+
+def test_per_epoch_evaluation_uses_a_fixed_seeded_subset(tmp_path):
+    from config import get_preset
+    from dataset.synthetic import ensure_synthetic_dataset
+    from training_helpers import synthetic_config
+    from utils.evaluation import Evaluator
+
+    cfg = synthetic_config("", str(tmp_path), max_val_images=2)
+    ensure_synthetic_dataset(cfg)
+    first, again = Evaluator(cfg, subset=True), Evaluator(cfg, subset=True)
+    everything = Evaluator(cfg)
+    ids = [r.image_id for r in first.records]
+    assert len(ids) == 2 and ids == [r.image_id for r in again.records]
+    assert len(everything.records) == 4 and set(ids) < {r.image_id for r in everything.records}
+    other = Evaluator(cfg.replace(seed=5), subset=True)
+    assert len(other.records) == 2
+    # the 512 presets evaluate a subset every 5 epochs; COCO keeps low-confidence people for AP
+    aic, coco = get_preset("ai_challenger_w32_512"), get_preset("coco_w32_512")
+    assert (aic.train.eval_every_epochs, aic.data.max_val_images) == (5, 3000)
+    assert coco.spr.score_threshold < aic.spr.score_threshold

@@ -61,13 +61,19 @@ def test_model_val_refuses_a_model_of_another_skeleton(run_and_data, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_spm_model_test_draws_pictures_and_skips_unreadable_images(run_and_data, tmp_path):
-    run, paths = run_and_data
+def _two_pictures(paths, tmp_path):
+    """A folder with copies of the first two validation pictures, and their names."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     names = sorted(os.listdir(paths.val_images))[:2]
     for n in names:
         (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    return folder, names
+
+
+def test_spm_model_test_draws_pictures_and_skips_unreadable_images(run_and_data, tmp_path):
+    run, paths = run_and_data
+    folder, names = _two_pictures(paths, tmp_path)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "out"
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out)
@@ -109,11 +115,7 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     """--json with --flip --scales 1,2 --long-side 320: each picture's poses in its own pixels,
     under its file stem, as the Python path gives them; model_val takes the same flags."""
     run, paths = run_and_data
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    names = sorted(os.listdir(paths.val_images))[:2]
-    for n in names:
-        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    folder, names = _two_pictures(paths, tmp_path)
     out_json = tmp_path / "poses.json"
     flags = ["--flip", "--scales", "1,2", "--long-side", "320"]
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", tmp_path / "out",

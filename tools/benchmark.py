@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale,sizes} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "infer": ("tools.benchmarks.infer", "end-to-end images/s of model_val"),
     "train": ("tools.benchmarks.train", "ms per training step with 1 and N steps per tf.function call"),
     "scale": ("tools.benchmarks.scale", "reading, first batch and memory at the real data sets' size"),
+    "sizes": ("tools.benchmarks.sizes", "a trained model at twice its input size; decoder thresholds"),
 }
 
 

@@ -71,7 +71,7 @@ def score_aic(ref_json: str, predictions: Sequence[Prediction],
     """The official AI Challenger score of ``predictions`` against the annotation file.
 
     ``image_ids`` restricts the reference to the images that were evaluated (for example the
-    first ``max_val_images``); an evaluated image without a prediction (unreadable) counts as
+    subset of ``max_val_images``); an evaluated image without a prediction (unreadable) counts as
     missed, as the official scorer counts it.
     """
     submit = aic_predictions(predictions)
@@ -120,13 +120,19 @@ class Evaluator:
     """Scores a model on the configured validation split with the dataset's official metric.
 
     Records, paths and the compiled predictor are made once and reused at every evaluation
-    (the training loop evaluates at every epoch end). With a summary ``writer``, pictures of
+    (the training loop evaluates at every epoch end). With ``subset``, a fixed random subset of
+    ``cfg.data.max_val_images`` images (drawn with ``cfg.data.seed``, the same at every epoch and
+    on every resume) is scored instead of the whole split. With a summary ``writer``, pictures of
     the predictions on the first images are logged too.
     """
 
-    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4):
+    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, subset: bool = False):
         self.cfg, self.flip, self.num_pictures = cfg, flip, num_pictures
         self.records, _ = load_records(cfg, "val")
+        size = cfg.data.max_val_images
+        if subset and 0 < size < len(self.records):
+            keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(self.records), size, replace=False))
+            self.records = [self.records[i] for i in keep]
         self.ann_json, _ = split_paths(cfg, "val")
         self._predictor: Optional[Predictor] = None
 

@@ -207,7 +207,7 @@ class Trainer:
         self.run_dir = run_dir or cfg.train.run_dir or os.path.join("runs", cfg.preset)
         self.evaluate_fn = evaluate_fn
         self.gradient_hook = gradient_hook
-        self._evaluator = None
+        self._evaluators: Dict[bool, Evaluator] = {}      # per epoch (subset) and final (all)
         self._check_run_dir_config()
 
         self.pipeline = pipeline if pipeline is not None else InputPipeline(cfg, "train")
@@ -467,7 +467,7 @@ class Trainer:
             if self.pipeline.skipped.count and self.is_chief:
                 log.warning("%s", self.pipeline.skipped.summary())
             if (epoch + 1) % max(1, cfg.train.eval_every_epochs) == 0 or epoch + 1 == epochs:
-                last_eval = self.evaluate()
+                last_eval = self.evaluate(final=epoch + 1 == epochs)
                 record.update({k: v for k, v in last_eval.items() if isinstance(v, (int, float))})
                 score = float(last_eval.get("score", float("nan")))
                 with self.writer.as_default(step=step):
@@ -502,17 +502,18 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
 
-    def evaluate(self) -> Dict[str, Any]:
+    def evaluate(self, final: bool = False) -> Dict[str, Any]:
         """The validation score, computed once: on the chief (one device, cross-replica
-        context), while the other workers wait; every worker gets the chief's score."""
+        context), while the other workers wait; every worker gets the chief's score. Per epoch
+        on the fixed subset of ``max_val_images`` images; ``final``: on the whole split."""
         result: Dict[str, Any] = {}
         if self.is_chief:
             if self.evaluate_fn is not None:
                 result = self.evaluate_fn(self.model, self.cfg)
             else:
-                if self._evaluator is None:
-                    self._evaluator = Evaluator(self.cfg)
-                result = self._evaluator(self.model, writer=self.writer, step=int(self.step.numpy()))
+                if final not in self._evaluators:
+                    self._evaluators[final] = Evaluator(self.cfg, subset=not final)
+                result = self._evaluators[final](self.model, writer=self.writer, step=int(self.step.numpy()))
         if self.replicas > 1:
             # The score travels in an all-reduce that the other workers are already waiting in:
             # the chief's replicas carry score / (its replicas), the others' carry 0.

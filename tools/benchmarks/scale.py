@@ -8,7 +8,9 @@ from the example annotations (``tests/data/``) with jittered coordinates and a f
 per-person anomalies (a negative labelled coordinate, an inverted box, a NaN, a visibility
 outside the set), and a COCO file of the size of train2017 (images with people converted by
 ``dataset/convert.py``, the rest person-less). Every image id is a symbolic link to one of 32
-synthetic pictures, so the files are real training inputs. Then, for each file, in a fresh
+synthetic pictures, so the files are real training inputs; ``aic_val.json`` and ``coco_val.json``
+(their first 200 images) serve as validation splits of rehearsal trainings (README). Then, for
+each file, in a fresh
 process (so that the peak memory is the reader's and the pipeline's alone):
 
 * reading time and RSS (``dataset.pipeline.load_records``, the training reader, lenient);
@@ -19,7 +21,6 @@ process (so that the peak memory is the reader's and the pipeline's alone):
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -31,7 +32,7 @@ import numpy as np
 
 from config import get_preset
 from dataset.convert import aic_to_coco
-from dataset.errors import load_json
+from dataset.errors import load_json, save_json
 from dataset.synthetic import generate_synthetic_dataset
 from tools.benchmarks import REPO_ROOT
 
@@ -39,6 +40,7 @@ EXAMPLE = os.path.join(REPO_ROOT, "tests", "data", "ai_challenger_keypoint_examp
                        "keypoint_annotations_example.json")
 POOL_SIZE = 32
 ANOMALIES = 5        # of each kind, in each file
+VAL_IMAGES = 200     # images of the small validation files for rehearsal trainings
 
 
 def _rss_mb() -> float:
@@ -87,11 +89,21 @@ def _aic_rehearsal(num_images: int, num_people: int, rng: np.random.Generator) -
     return entries
 
 
-def _write(path: str, obj) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+def _write_val_files(paths: Dict[str, str], size: int = VAL_IMAGES) -> None:
+    """``aic_val.json`` and ``coco_val.json``: the first ``size`` images of the training files, a
+    validation split small enough for the end-of-run evaluation of a rehearsal training."""
+    for key in ("aic", "coco"):
+        path = paths[key].replace("_train.json", "_val.json")
+        if os.path.exists(path):
+            continue
+        data = load_json(paths[key])
+        if key == "aic":
+            small = data[:size]
+        else:
+            images = data["images"][:size]
+            ids = {im["id"] for im in images}
+            small = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+        save_json(path, small)
 
 
 def prepare(out: str, args) -> Dict[str, str]:
@@ -99,6 +111,7 @@ def prepare(out: str, args) -> Dict[str, str]:
     paths = {"aic": os.path.join(out, "aic_train.json"), "coco": os.path.join(out, "coco_train.json"),
              "images": os.path.join(out, "images")}
     if all(os.path.exists(p) for p in paths.values()):
+        _write_val_files(paths)
         return paths
     os.makedirs(paths["images"], exist_ok=True)
     rng = np.random.default_rng(0)
@@ -113,7 +126,7 @@ def prepare(out: str, args) -> Dict[str, str]:
         link = os.path.join(paths["images"], image_id + ".jpg")
         if not os.path.lexists(link):
             os.symlink(pool_files[i % POOL_SIZE], link)
-    _write(paths["aic"], entries)
+    save_json(paths["aic"], entries)
     sizes = {image_id: pool_sizes[i % POOL_SIZE] for i, image_id in enumerate(ids + extra)}
     coco = aic_to_coco(entries[:args.coco_with_people], image_sizes=sizes, source=paths["aic"])
     for k, ann in enumerate(coco["annotations"][:4 * ANOMALIES]):
@@ -132,7 +145,8 @@ def prepare(out: str, args) -> Dict[str, str]:
         width, height = sizes[image_id]
         coco["images"].append({"id": next_id + k, "file_name": image_id + ".jpg", "width": int(width),
                                "height": int(height)})
-    _write(paths["coco"], coco)
+    save_json(paths["coco"], coco)
+    _write_val_files(paths)
     print(f"rehearsal files written in {time.time() - start:.1f} s: {paths['aic']} ({len(entries)} images), "
           f"{paths['coco']} ({len(coco['images'])} images)")
     return paths
