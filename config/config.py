@@ -76,7 +76,7 @@ class SprConfig:
     z_norm: str = "diag"              # diag: Z = sqrt(H^2 + W^2) of the output map | one: Z = 1
     z_value: float = 0.0              # Z fixed by the trained network (set when a run is loaded); 0 = from z_norm
     nms_window: int = 5               # max-pool window of the root-peak search
-    score_threshold: float = 0.3      # root-peak threshold
+    score_threshold: float = 0.2      # root-peak threshold; 0.2 scored best of 0.1..0.5 (README)
     max_people: int = 30              # top-k root peaks per image
     gather: str = "bilinear"          # nearest | bilinear reading of the displacement maps
 
