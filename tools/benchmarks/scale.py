@@ -9,7 +9,7 @@ per-person anomalies (a negative labelled coordinate, an inverted box, a NaN, a 
 outside the set), and a COCO file of the size of train2017 (images with people converted by
 ``dataset/convert.py``, the rest person-less). Every image id is a symbolic link to one of 32
 synthetic pictures, so the files are real training inputs; ``aic_val.json`` and ``coco_val.json``
-(their first 200 images) serve as validation splits of rehearsal trainings (README). Then, for
+(200 of their images) serve as validation splits of rehearsal trainings (README). Then, for
 each file, in a fresh
 process (so that the peak memory is the reader's and the pipeline's alone):
 
@@ -90,17 +90,18 @@ def _aic_rehearsal(num_images: int, num_people: int, rng: np.random.Generator) -
 
 
 def _write_val_files(paths: Dict[str, str], size: int = VAL_IMAGES) -> None:
-    """``aic_val.json`` and ``coco_val.json``: the first ``size`` images of the training files, a
-    validation split small enough for the end-of-run evaluation of a rehearsal training."""
+    """``aic_val.json`` and ``coco_val.json``: ``size`` images of the training files (from the
+    1000th on, past the injected anomalies: the scorer refuses a NaN in a reference), a validation
+    split small enough for the end-of-run evaluation of a rehearsal training."""
     for key in ("aic", "coco"):
         path = paths[key].replace("_train.json", "_val.json")
         if os.path.exists(path):
             continue
         data = load_json(paths[key])
         if key == "aic":
-            small = data[:size]
+            small = data[1000:1000 + size]
         else:
-            images = data["images"][:size]
+            images = data["images"][1000:1000 + size]
             ids = {im["id"] for im in images}
             small = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
         save_json(path, small)
