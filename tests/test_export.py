@@ -77,7 +77,8 @@ def test_saved_model_flip_and_pixels_signature_equal_the_predictor(run_dir, tmp_
         n = int(got["num_people"][b])
         assert n == len(want.poses)
         _assert_same_people(got["poses"][b, :n], want.poses, atol=2e-2)
-        assert np.abs(want.poses - plain[b].poses).max() > 0.1   # flipping changed the answer
+        # flipping changed the answer
+        assert len(want.poses) != len(plain[b].poses) or np.abs(want.poses - plain[b].poses).max() > 0.1
 
 
 def _assert_same_people(got, want, atol=1e-2):

@@ -27,7 +27,7 @@ def run_and_data(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("tools")
     run = str(base / "run")
-    random_head_run(run, score_threshold=0.05, max_people=4)
+    random_head_run(run, score_threshold=0.0, max_people=4)
     paths = generate_synthetic_dataset(str(base / "synth"), num_train=1, num_val=4, seed=3)
     return run, paths
 
@@ -119,14 +119,14 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     out_json = tmp_path / "poses.json"
     flags = ["--flip", "--scales", "1,2", "--long-side", "320"]
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", tmp_path / "out",
-             "--json", out_json, *flags)
+             "--json", out_json, "--score", "0", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     got = {e["image_id"]: e["keypoint_annotations"] for e in json.load(open(out_json))}
     assert sorted(got) == sorted(os.path.splitext(n)[0] for n in names)
     from dataset.pipeline import read_rgb
     from utils import predict
 
-    model, cfg = predict.load_trained_model(run)
+    model, cfg = predict.load_trained_model(run, overrides={"score_threshold": 0.0})
     predictor = predict.Predictor(model, cfg, flip=True, scales=(1.0, 2.0))
     for n in names:
         image = read_rgb(os.path.join(folder, n))

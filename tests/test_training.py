@@ -158,6 +158,13 @@ def _free_ports(n):
     return ports
 
 
+def _newest_step(ckpt_dir) -> int:
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    return int(latest.rsplit("-", 1)[1])
+
+
 def _start_workers(out, synth_dir, steps, every):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -201,11 +208,15 @@ def test_two_workers_killed_mid_epoch_resume_together_with_identical_weights(tmp
         p.wait(timeout=30)
     assert killed_after is not None and killed_after < steps, "the workers did not reach a mid-epoch checkpoint"
     assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+    # the newest *complete* checkpoint (the manager registers one after writing it; a kill in
+    # between leaves the previous one newest)
+    newest = _newest_step(ckpts)
+    assert killed_after - every <= newest <= killed_after
 
     _wait(_start_workers(tmp_path, synth_dir, steps, every))
     w0, w1 = np.load(tmp_path / "worker0.npz"), np.load(tmp_path / "worker1.npz")
     resumed = int(w0["start_step"])
-    assert killed_after <= resumed < steps and resumed % every == 0
+    assert resumed == newest and resumed % every == 0
     assert int(w1["start_step"]) == resumed                   # worker 1 restored the chief's checkpoint
     assert int(w0["steps"]) == int(w1["steps"]) == steps
     assert int(w0["replicas"]) == 2 and bool(w0["chief"]) and not bool(w1["chief"])
@@ -245,13 +256,15 @@ def test_kill_minus_9_mid_epoch_then_resume(tmp_path):
         time.sleep(0.2)
     first.wait(timeout=30)
     assert killed_after is not None and killed_after < 40, "the first run did not reach a mid-epoch checkpoint"
+    newest = _newest_step(run_dir / "checkpoints")          # complete and registered at the kill
+    assert killed_after - 5 <= newest <= killed_after
     assert first.returncode == -signal.SIGKILL
 
     second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     result = json.loads(second.stdout.strip().splitlines()[-1])
     resumed_step = int(result["resumed_from"].rsplit("-", 1)[1])
-    assert killed_after <= resumed_step < 80 and resumed_step % 5 == 0
+    assert resumed_step == newest and resumed_step % 5 == 0
     assert f"resumed from" in second.stderr and f"step {resumed_step}" in second.stderr
     assert result["steps"] == 80 and result["epochs"] == 2     # same schedule, not restarted
     # the optimizer state came back with the step: its iteration counter equals the global step
@@ -321,3 +334,32 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     assert os.path.exists(tmp_path / "exported" / "saved_model" / "saved_model.pb")
+
+
+def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
+    """--xla compiles the replica step (finite flag, clipping, optimizer) and gives the plain
+    step's update; a non-finite gradient under --xla still stops naming the step."""
+    from training_helpers import nan_at, randomise_output_kernels
+    from utils.training import NonFiniteLossError, Trainer
+
+    moves = {}
+    for xla in (False, True):
+        cfg = tiny_config(str(tmp_path / f"xla{xla}"), batch_size=2, optimizer="sgd", lr=1e-2, xla=xla,
+                          grad_clip_norm=1.0, steps_per_call=1)
+        images, targets = fixed_batch(cfg, 2)
+        trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets),
+                          gradient_hook=nan_at(2))
+        if not moves:
+            randomise_output_kernels(trainer.model)      # zero output kernels would stop the gradient
+            weights = trainer.model.get_weights()
+        trainer.model.set_weights(weights)
+        it = iter(trainer.dist_dataset)
+        trainer.run_steps(it, 1)
+        moves[xla] = [a - b for a, b in zip(trainer.model.get_weights(), weights)]
+        with pytest.raises(NonFiniteLossError, match="step 2"):
+            trainer.run_steps(it, 1)
+    changed = 0
+    for plain, compiled in zip(moves[False], moves[True]):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-6)
+        changed += np.abs(plain).max() > 0
+    assert changed > len(moves[False]) // 2

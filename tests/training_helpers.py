@@ -56,7 +56,10 @@ def random_head_run(run_dir: str, **overrides):
     maps have distinct peaks (an untrained model's are flat). Returns the config."""
     from nets.spm_model import build_spm_model
 
+    import keras
+
     cfg = tiny_config(run_dir, **overrides)
+    keras.utils.set_random_seed(0)
     model = build_spm_model(cfg)
     rng = np.random.default_rng(0)
     for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
@@ -109,10 +112,6 @@ class FixedPipeline:
 
 def no_eval(model, cfg):
     return {"score": 0.0}
-
-
-def _weights_digest(model):
-    return {f"w{i}": w for i, w in enumerate(model.get_weights())}
 
 
 def randomise_output_kernels(model, std=0.01, seed=0):
