@@ -184,7 +184,7 @@ def _first_joint(bad: np.ndarray, n: int) -> int:
     return int(np.flatnonzero(bad[n])[0])
 
 
-def _non_finite(values: np.ndarray, names: Sequence[str], what: str) -> Callable[[int], str]:
+def _non_finite(values: np.ndarray, names: Sequence[str], what: Callable[[int], str]) -> Callable[[int], str]:
     """Message maker for a row of ``values`` [people, V] with a non-finite value."""
     def describe(n: int) -> str:
         i = int(np.flatnonzero(~np.isfinite(values[n]))[0])
