@@ -143,12 +143,17 @@ def root_positions(xy: np.ndarray, labelled: np.ndarray, boxes: np.ndarray,
     raise ValueError(f"unknown root_type {root_type!r}; choose 'centroid' or 'bbox_center'")
 
 
+def _root_kernel(sigma: float) -> Tuple[int, np.ndarray]:
+    """Radius ``r`` and float32 [2r+1, 2r+1] window of the truncated root Gaussian."""
+    r = int(math.ceil(GAUSSIAN_TRUNCATE * sigma))
+    k = np.arange(-r, r + 1, dtype=np.float32)
+    return r, np.exp(-(k[None, :] ** 2 + k[:, None] ** 2) / np.float32(sigma * sigma))
+
+
 def _gaussian_root_map(cells: np.ndarray, h: int, w: int, sigma: float) -> np.ndarray:
     """[h, w] maximum of ``exp(-d^2 / sigma^2)`` around each integer root cell [N, 2] (x, y)."""
     out = np.zeros((h, w), np.float32)
-    r = int(math.ceil(GAUSSIAN_TRUNCATE * sigma))
-    k = np.arange(-r, r + 1, dtype=np.float32)
-    kernel = np.exp(-(k[None, :] ** 2 + k[:, None] ** 2) / np.float32(sigma * sigma))
+    r, kernel = _root_kernel(sigma)
     for cx, cy in cells:
         x0, x1 = max(cx - r, 0), min(cx + r + 1, w)
         y0, y1 = max(cy - r, 0), min(cy + r + 1, h)
@@ -262,6 +267,146 @@ def encode(keypoints: np.ndarray, boxes: np.ndarray, skeleton: Skeleton, spr_cfg
             "root_weight": np.ones((h, w, 1), np.float32),
             "disp": disp,
             "disp_weight": disp_weight}
+
+
+# ----------------------------------------------------------------------------- encoder (TensorFlow)
+
+def encode_batch(keypoints, boxes, skeleton: Skeleton, spr_cfg, input_hw: Sequence[int],
+                 ignore=None) -> Dict[str, Any]:
+    """SPR targets of a batch in TensorFlow: what the training step renders on the device.
+
+    The same targets as :func:`encode` (the reference implementation; ``tests/test_spr_tf.py``
+    pins the two together on the 1000 real AI Challenger images for every anchor and root
+    type), for a batch of people padded to a fixed count, with fixed shapes throughout (no
+    data-dependent shapes: XLA compiles it). Positions and the nearest-anchor keys are computed
+    in float64, as the NumPy encoder does, so that the same cells win.
+
+    Args:
+        keypoints: float [B, N, J, 3] network-input x, y, internal visibility; padding people
+            are all unlabelled (visibility 0) and encode nothing.
+        boxes: float [B, N, 4] network-input x1, y1, x2, y2.
+        skeleton, spr_cfg, input_hw: as for :func:`encode`.
+        ignore: optional bool [B, h, w] output cells left out of the root loss (``root_weight``
+            0) except where a person's root Gaussian is (the pipeline's ignore regions).
+    Returns:
+        float32 ``{"root": [B, h, w, 1], "root_weight": [B, h, w, 1], "disp": [B, h, w, 2J],
+        "disp_weight": [B, h, w, 2J]}``.
+    """
+    stride = spr_cfg.output_stride
+    h, w = output_hw(input_hw, stride)
+    _check_tau(spr_cfg.tau)
+    z = float(spr_cfg.z_value or z_factor(h, w, spr_cfg.z_norm))
+    parents = anchor_parents(skeleton, spr_cfg.anchor)
+    J = skeleton.num_joints
+    with tf.name_scope("spr_encode"):
+        kp = tf.convert_to_tensor(keypoints)
+        if kp.shape.rank != 4 or kp.shape[2:] != (J, 3):
+            raise ValueError(f"keypoints have shape {kp.shape}; skeleton {skeleton.name} expects "
+                             f"[B, N, {J}, 3]")
+        kp = tf.cast(kp, tf.float64)
+        bx = tf.cast(boxes, tf.float64) / stride
+        batch, people = tf.shape(kp)[0], tf.shape(kp)[1]
+        xy = kp[..., :2] / stride                                                # [B, N, J, 2]
+        labelled = kp[..., 2] > VIS_UNLABELLED                                   # [B, N, J]
+        in_map = ((xy[..., 0] >= 0) & (xy[..., 0] < w) & (xy[..., 1] >= 0) & (xy[..., 1] < h))
+        keep = tf.reduce_any(labelled & in_map, axis=2)                          # [B, N]
+        # The NumPy encoder numbers the kept people 0, 1, ...: the tie-break uses that rank.
+        rank = tf.cumsum(tf.cast(keep, tf.float64), axis=1) - 1.0
+
+        if spr_cfg.root_type == "centroid":
+            count = tf.reduce_sum(tf.cast(labelled, tf.float64), axis=2)[..., None]
+            total = tf.reduce_sum(tf.where(labelled[..., None], xy, 0.0), axis=2)
+            roots = total / tf.maximum(count, 1.0)
+        elif spr_cfg.root_type == "bbox_center":
+            roots = 0.5 * (bx[..., 0:2] + bx[..., 2:4])
+        else:
+            root_positions(np.zeros((0, J, 2)), np.zeros((0, J), bool), np.zeros((0, 4)),
+                           spr_cfg.root_type)  # raises naming the choices
+        roots = tf.where(keep[..., None] & tf.math.is_finite(roots), roots, 0.0)
+        cells = tf.stack([tf.clip_by_value(tf.floor(roots[..., 0]), 0.0, w - 1.0),
+                          tf.clip_by_value(tf.floor(roots[..., 1]), 0.0, h - 1.0)], axis=-1)
+        cells = tf.cast(cells, tf.int32)                                         # [B, N, 2]
+        b_index = tf.broadcast_to(tf.range(batch)[:, None], [batch, people])     # [B, N]
+
+        # Root map: the Gaussian window of every kept person, combined by maximum.
+        r, kernel = _root_kernel(spr_cfg.sigma)
+        size = 2 * r + 1
+        off = tf.range(-r, r + 1)
+        ys = cells[..., 1, None, None] + off[:, None]                            # [B, N, S, 1]
+        xs = cells[..., 0, None, None] + off[None, :]                            # [B, N, 1, S]
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w) & keep[..., None, None]
+        flat = (b_index[..., None, None] * h + tf.clip_by_value(ys, 0, h - 1)) * w + \
+            tf.clip_by_value(xs, 0, w - 1)                                       # [B, N, S, S]
+        values = tf.where(inside, tf.constant(kernel), 0.0)      # 0 never raises a maximum
+        root = tf.tensor_scatter_nd_max(tf.zeros([batch * h * w], tf.float32),
+                                        tf.reshape(flat, [-1, 1]), tf.reshape(values, [-1]))
+        root = tf.reshape(root, [batch, h, w, 1])
+        root_weight = tf.ones_like(root)
+        if ignore is not None:
+            drop = tf.cast(ignore, tf.bool)[..., None] & (root <= 0.0)
+            root_weight = tf.where(drop, 0.0, root_weight)
+
+        # Reading positions and (real or virtual) joint positions, parents before children.
+        root_anchor = tf.cast(cells, tf.float64) + 0.5
+        lo, hi = tf.constant([0.5, 0.5], tf.float64), tf.constant([w - 0.5, h - 0.5], tf.float64)
+        anchors: List = [None] * J
+        positions: List = [None] * J
+        for j in skeleton.topological_order if spr_cfg.anchor == "parent" else range(J):
+            p = parents[j]
+            anchors[j] = root_anchor if p == ROOT else tf.clip_by_value(positions[p], lo, hi)
+            positions[j] = tf.where(labelled[..., j, None], xy[..., j, :], anchors[j])
+        written = [labelled[..., j] for j in range(J)]
+        for j in reversed(skeleton.topological_order):
+            if parents[j] != ROOT:
+                written[parents[j]] = written[parents[j]] | written[j]
+        anchors = tf.stack(anchors, axis=2)                                      # [B, N, J, 2]
+        targets = tf.stack(positions, axis=2)
+        written = tf.stack(written, axis=2) & keep[..., None]                    # [B, N, J]
+
+        # Displacement discs: every cell of the window around each anchor is a candidate; per
+        # cell and channel the smallest key wins (support cells first, then the nearest
+        # anchor, then the lower person): the NumPy encoder's keys, in the same float64.
+        tau = float(spr_cfg.tau)
+        size = int(math.floor(2.0 * tau)) + 1
+        offsets = tf.range(size, dtype=tf.float64)
+        first = tf.math.ceil(anchors - tau - 0.5)                                # [B, N, J, 2]
+        cols = first[..., 0, None] + offsets                                     # [B, N, J, S]
+        rows = first[..., 1, None] + offsets
+        dx = cols + 0.5 - anchors[..., 0, None]
+        dy = rows + 0.5 - anchors[..., 1, None]
+        d2 = tf.square(dy)[..., :, None] + tf.square(dx)[..., None, :]           # [B, N, J, S(y), S(x)]
+        valid = ((d2 <= tau * tau)
+                 & ((rows >= 0) & (rows < h))[..., :, None]
+                 & ((cols >= 0) & (cols < w))[..., None, :]
+                 & written[..., None, None])
+        support = (tf.abs(dx) < 1.0)[..., None, :] & (tf.abs(dy) < 1.0)[..., :, None]
+        key = (d2 + tf.where(support, tf.constant(0.0, tf.float64), tau * tau + 2.0)
+               + rank[..., None, None, None] * _TIE_EPS)
+        key = tf.where(valid, key, np.inf)                        # inf never lowers a minimum
+        row_i = tf.cast(tf.clip_by_value(rows, 0.0, h - 1.0), tf.int32)[..., :, None]
+        col_i = tf.cast(tf.clip_by_value(cols, 0.0, w - 1.0), tf.int32)[..., None, :]
+        j_index = tf.range(J)[None, None, :, None, None]
+        cell = ((b_index[..., None, None, None] * h + row_i) * w + col_i) * J + j_index
+        cell = tf.reshape(cell, [-1, 1])
+        key = tf.reshape(key, [-1])
+        best = tf.tensor_scatter_nd_min(tf.fill([batch * h * w * J], tf.constant(np.inf, tf.float64)),
+                                        cell, key)
+        win = tf.reshape(tf.equal(key, tf.gather(best, cell[:, 0])) & tf.math.is_finite(key),
+                         tf.shape(d2))
+        # One winner per cell: adding the winner's value to zeros writes it exactly.
+        vx = (targets[..., 0, None, None] - (tf.cast(col_i, tf.float64) + 0.5)) / z
+        vy = (targets[..., 1, None, None] - (tf.cast(row_i, tf.float64) + 0.5)) / z
+        vx = tf.broadcast_to(vx, tf.shape(d2))
+        vy = tf.broadcast_to(vy, tf.shape(d2))
+        weight = tf.broadcast_to(tf.cast(labelled, tf.float64)[..., None, None], tf.shape(d2))
+        updates = tf.cast(tf.stack([vx, vy, weight], axis=-1), tf.float32)
+        updates = tf.where(win[..., None], updates, 0.0)
+        out = tf.tensor_scatter_nd_add(tf.zeros([batch * h * w * J, 3], tf.float32), cell,
+                                       tf.reshape(updates, [-1, 3]))
+        out = tf.reshape(out, [batch, h, w, J, 3])
+        disp = tf.reshape(out[..., 0:2], [batch, h, w, 2 * J])
+        disp_weight = tf.reshape(tf.repeat(out[..., 2:3], 2, axis=-1), [batch, h, w, 2 * J])
+        return {"root": root, "root_weight": root_weight, "disp": disp, "disp_weight": disp_weight}
 
 
 # ----------------------------------------------------------------------------- decoder (TensorFlow)
