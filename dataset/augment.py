@@ -1,28 +1,35 @@
-"""Training augmentation with imgaug, in network space after the letterbox.
+"""Training augmentation with imgaug, composed with the letterbox into one warp of the image.
 
 Order of a training sample: decode -> letterbox to the network size (``dataset/letterbox.py``, the
-same call as at test time) -> this module -> SPR targets. Augmenting *after* the letterbox keeps
-one letterbox function for training and testing and makes every range relative to the network
-input: ``translate_frac`` is a fraction of the input size, ``scale`` zooms the letterboxed
-picture about the input centre.
+same geometry as at test time) -> this module's geometry -> colour -> SPR targets (rendered in the
+training step, ``nets.spr.encode_batch``). Every range is relative to the network input:
+``translate_frac`` is a fraction of the input size, ``scale`` zooms the letterboxed picture about
+the input centre.
 
-One call transforms the image, the keypoints, the boxes and (COCO) the ignore mask together with
-the same sampled parameters:
+imgaug samples the augmentation and moves the points (keypoints, box corners, and three
+reference points); the image is then resampled **once**: the affine map from the three
+reference points, composed with the letterbox, is applied to the decoded picture by one
+``cv2.warpAffine`` (bilinear, zero fill: the letterbox's padding value). A picture shrunk by
+more than half is first halved with ``cv2.INTER_AREA`` (exact factor 2, a box filter) until the
+remaining warp shrinks by at most 2, so large photographs are not aliased. Letterboxing and then
+augmenting with imgaug's own image warp (two resamplings, and 1.2 ms of ``INTER_AREA`` at a
+non-integer ratio for a 640x640 photograph) gave the same geometry; ``tests/test_augment.py``
+checks painted dots against the keypoints through the composed warp.
 
 * horizontal flip (``flip_prob``): ``iaa.Fliplr``, then the joints are relabelled with
   ``skeleton.flip_index`` (``flipped[j] = original[flip_index[j]]``), since the person's right
   wrist becomes the one on the other side of the mirrored picture;
 * ``iaa.Affine``: rotation in ``[-rotation_deg, rotation_deg]``, scale in ``[scale_min,
-  scale_max]``, translation in ``[-translate_frac, translate_frac]`` of the input size per axis,
-  bilinear for the image, nearest for the mask, zero fill (the letterbox's padding value);
-* colour: ``iaa.Multiply`` in ``[color_mul_min, color_mul_max]`` and, with ``grayscale_prob``,
-  ``iaa.Grayscale``.
+  scale_max]``, translation in ``[-translate_frac, translate_frac]`` of the input size per axis;
+* colour, on the warped picture: ``iaa.Multiply`` in ``[color_mul_min, color_mul_max]`` and,
+  with ``grayscale_prob``, ``iaa.Grayscale``;
+* the ignore mask (COCO crowds) is warped with the same matrix, nearest neighbour.
 
 Keypoints use continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``, imgaug's own
-convention), so a keypoint stays on its pixel (a test paints dots and checks). A labelled
-keypoint pushed outside the input becomes unlabelled (visibility 0): the targets then say
-nothing about it. Boxes become the axis-aligned box of their transformed corners, clipped to the
-input.
+convention); OpenCV's matrices act on pixel indices (pixel ``i`` centred on ``i``), and the
+conversion between the two is done here. A labelled keypoint pushed outside the input becomes
+unlabelled (visibility 0): the targets then say nothing about it. Boxes become the axis-aligned
+box of their transformed corners, clipped to the input.
 
 Randomness: every call takes an integer ``seed`` and is a pure function of it, so a data
 pipeline that hands out seeds from a seeded stream is reproducible however many threads run it.
@@ -36,11 +43,10 @@ import dataclasses
 import threading
 from typing import Optional
 
+import cv2
 import imgaug.augmenters as iaa
 import numpy as np
-from imgaug.augmentables.bbs import BoundingBoxesOnImage
 from imgaug.augmentables.kps import KeypointsOnImage
-from imgaug.augmentables.segmaps import SegmentationMapsOnImage
 
 from config.skeletons import VIS_UNLABELLED, Skeleton
 
@@ -74,21 +80,45 @@ class Augmented:
     flipped: bool
 
 
-class Augmenter:
-    """imgaug augmentation of a letterboxed training sample (see the module docstring)."""
+def _continuous_to_index(matrix: np.ndarray) -> np.ndarray:
+    """A 2x3 map of continuous coordinates (pixel i covers [i, i + 1)) as OpenCV's map of pixel
+    indices (pixel i centred on i): ``x_idx' = A x_idx + t + A (0.5, 0.5) - (0.5, 0.5)``."""
+    out = np.array(matrix, np.float64)
+    out[:, 2] += out[:, :2] @ np.array([0.5, 0.5]) - 0.5
+    return out
 
-    def __init__(self, aug_cfg, skeleton: Skeleton):
+
+def _then(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The 2x3 affine map ``second(first(x))``."""
+    a = np.vstack([first, [0.0, 0.0, 1.0]])
+    b = np.vstack([second, [0.0, 0.0, 1.0]])
+    return (b @ a)[:2]
+
+
+class Augmenter:
+    """imgaug augmentation of one training sample (see the module docstring).
+
+    Args:
+        aug_cfg: :class:`config.config.AugmentConfig`.
+        skeleton: the data set's skeleton (flip relabelling).
+        colorspace: channel order of the images it gets, ``"RGB"`` or ``"BGR"`` (OpenCV's
+            decoder; the grayscale weights depend on it).
+    """
+
+    def __init__(self, aug_cfg, skeleton: Skeleton, colorspace: str = "RGB"):
+        if colorspace not in ("RGB", "BGR"):
+            raise ValueError(f"colorspace must be 'RGB' or 'BGR', got {colorspace!r}")
         a = aug_cfg
         t = a.translate_frac
         geometric = iaa.Affine(scale=(a.scale_min, a.scale_max), rotate=(-a.rotation_deg, a.rotation_deg),
-                               translate_percent={"x": (-t, t), "y": (-t, t)},
-                               order=1, cval=0, mode="constant", backend="cv2", name="affine")
-        colour = [iaa.Multiply((a.color_mul_min, a.color_mul_max), name="multiply"),
-                  iaa.Sometimes(a.grayscale_prob, iaa.Grayscale(alpha=1.0), name="grayscale")]
+                               translate_percent={"x": (-t, t), "y": (-t, t)}, name="affine")
         # The flip decision is taken outside imgaug so the joints can be relabelled after it.
-        self._plain = iaa.Sequential([geometric, *colour], name="augment")
-        self._flipped = iaa.Sequential([iaa.Fliplr(1.0, name="flip"), geometric, *colour],
-                                       name="augment_flipped")
+        self._plain = iaa.Sequential([geometric], name="geometry")
+        self._flipped = iaa.Sequential([iaa.Fliplr(1.0, name="flip"), geometric], name="geometry_flipped")
+        self._colour = iaa.Sequential([
+            iaa.Multiply((a.color_mul_min, a.color_mul_max), name="multiply"),
+            iaa.Sometimes(a.grayscale_prob, iaa.Grayscale(alpha=1.0, from_colorspace=colorspace),
+                          name="grayscale")], name="colour")
         self.flip_prob = float(a.flip_prob)
         self.flip_index = np.asarray(skeleton.flip_index, np.intp)
         self._local = threading.local()
@@ -99,44 +129,74 @@ class Augmenter:
         if not hasattr(local, "plain"):
             local.plain = copy.deepcopy(self._plain)
             local.flipped = copy.deepcopy(self._flipped)
-        return local.plain, local.flipped
+            local.colour = copy.deepcopy(self._colour)
+        return local.plain, local.flipped, local.colour
 
     def __call__(self, image: np.ndarray, keypoints: np.ndarray, boxes: np.ndarray, seed: int,
-                 mask: Optional[np.ndarray] = None) -> Augmented:
+                 mask: Optional[np.ndarray] = None, letterbox=None) -> Augmented:
         """Augment one sample; a pure function of the inputs and ``seed``.
 
         Args:
-            image: uint8 [H, W, 3], letterboxed.
+            image: uint8 [h, w, 3]: the decoded picture when ``letterbox`` is given (it is
+                letterboxed by the same warp), else the network-size picture.
             keypoints: [N, J, 3] network-input x, y, internal visibility.
             boxes: [N, 4] network-input x1, y1, x2, y2.
             seed: any integer; the same seed gives the same augmentation.
-            mask: optional bool [H, W] ignore mask, transformed like the image (nearest).
+            mask: optional bool [h, w] ignore mask of ``image``, warped with it (nearest).
+            letterbox: the :class:`dataset.letterbox.Letterbox` of ``image`` (None: the image
+                is already at the network size).
         """
-        H, W = image.shape[:2]
+        if letterbox is None:
+            H, W = image.shape[:2]
+            to_net = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        else:
+            if image.shape[:2] != (letterbox.src_h, letterbox.src_w):
+                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, letterbox expects "
+                                 f"{letterbox.src_w}x{letterbox.src_h}")
+            H, W = letterbox.dst_h, letterbox.dst_w
+            to_net = np.array([[letterbox.scale_x, 0.0, letterbox.pad_x],
+                               [0.0, letterbox.scale_y, letterbox.pad_y]])
         keypoints = np.asarray(keypoints, np.float32)
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         n, j = keypoints.shape[:2]
         rng = np.random.default_rng(seed & 0xFFFFFFFFFFFFFFFF)
         flip = bool(rng.random() < self.flip_prob)
-        plain, flipped = self._augmenters()
-        aug = flipped if flip else plain
-        aug.seed_(int(rng.integers(0, 2 ** 31 - 1)))
+        plain, flipped, colour = self._augmenters()
+        geometry = flipped if flip else plain
+        geometry.seed_(int(rng.integers(0, 2 ** 31 - 1)))
+        colour.seed_(int(rng.integers(0, 2 ** 31 - 1)))
 
-        kps = KeypointsOnImage.from_xy_array(keypoints[..., :2].reshape(-1, 2), shape=image.shape)
-        bbs = BoundingBoxesOnImage.from_xyxy_array(boxes, shape=image.shape)
-        segmap = (SegmentationMapsOnImage(mask.astype(np.int32), shape=image.shape)
-                  if mask is not None else None)
-        out = aug(image=image, keypoints=kps, bounding_boxes=bbs, segmentation_maps=segmap,
-                  return_batch=True)
+        # One imgaug call moves the joints, the box corners and three reference points.
+        corners = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 2)
+        reference = np.array([[0.0, 0.0], [W, 0.0], [0.0, H]], np.float32)
+        points = np.concatenate([keypoints[..., :2].reshape(-1, 2), corners, reference])
+        moved = geometry(keypoints=KeypointsOnImage.from_xy_array(points, shape=(H, W, 3)))
+        moved = moved.to_xy_array().astype(np.float32)
+        augment = cv2.getAffineTransform(reference, moved[-3:]).astype(np.float64)
 
-        xy = out.keypoints_aug.to_xy_array().reshape(n, j, 2) if n else np.zeros((0, j, 2), np.float32)
+        # The picture: letterbox then augmentation, one warp (after halvings of large pictures).
+        matrix = _then(to_net, augment)                       # continuous picture -> network input
+        picture = image
+        while abs(np.linalg.det(matrix[:, :2])) < 0.25 and min(picture.shape[:2]) >= 4:
+            h2, w2 = picture.shape[0] // 2, picture.shape[1] // 2
+            picture = cv2.resize(picture[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
+            matrix = matrix @ np.diag([2.0, 2.0, 1.0])        # halved coordinates -> picture
+        warped = cv2.warpAffine(picture, _continuous_to_index(matrix), (W, H), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        warped = colour(image=warped)
+        new_mask = None
+        if mask is not None:
+            new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_net, augment)),
+                                      (W, H), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                                      borderValue=0) > 0
+
+        xy = moved[:n * j].reshape(n, j, 2)
         new_kps = np.concatenate([xy, keypoints[..., 2:]], axis=-1).astype(np.float32)
-        new_boxes = out.bounding_boxes_aug.to_xyxy_array().astype(np.float32).reshape(-1, 4)
+        box_xy = moved[n * j:n * j + 4 * len(boxes)].reshape(-1, 4, 2)
+        new_boxes = np.concatenate([box_xy.min(axis=1), box_xy.max(axis=1)], axis=1).astype(np.float32)
         new_boxes[:, 0::2] = np.clip(new_boxes[:, 0::2], 0, W)
         new_boxes[:, 1::2] = np.clip(new_boxes[:, 1::2], 0, H)
         if flip:
             new_kps = new_kps[:, self.flip_index]
         unlabel_outside(new_kps, H, W)
-        new_mask = out.segmentation_maps_aug.get_arr() > 0 if mask is not None else None
-        return Augmented(image=out.images_aug[0], keypoints=new_kps, boxes=new_boxes, mask=new_mask,
-                         flipped=flip)
+        return Augmented(image=warped, keypoints=new_kps, boxes=new_boxes, mask=new_mask, flipped=flip)

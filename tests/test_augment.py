@@ -109,3 +109,56 @@ def test_same_seed_same_result_other_seed_differs():
     assert not np.array_equal(a.keypoints, c.keypoints)
     # inputs are not modified in place
     assert np.all(kps[..., 2] == VIS_VISIBLE)
+
+
+def test_letterbox_and_augmentation_in_one_warp_keep_dots_on_keypoints():
+    """Photographs larger and smaller than the input, letterboxed by the augmentation's warp
+    (halvings included for the large one): painted dots land on the augmented keypoints."""
+    from dataset.letterbox import letterbox_params, to_network
+
+    aug = Augmenter(CFG.augment, SKELETON, colorspace="BGR")
+    rng = np.random.default_rng(5)
+    checked = 0
+    for seed, (h, w) in enumerate([(700, 1000), (900, 600), (100, 150)] * 10):
+        x, y = int(rng.uniform(0.3, 0.7) * w), int(rng.uniform(0.3, 0.7) * h)
+        r = max(2, int(round(max(h, w) / 128 * 1.5)))           # a dot of about 3 network pixels
+        image = np.zeros((h, w, 3), np.uint8)
+        image[y - r:y + r + 1, x - r:x + r + 1] = 255
+        lb = letterbox_params(h, w, 128, 128)
+        kps = np.zeros((1, J, 3), np.float32)
+        kps[0, :, :2] = to_network(np.array([x + 0.5, y + 0.5]), lb)
+        kps[0, :, 2] = VIS_VISIBLE
+        box = to_network(np.array([[x - r, y - r], [x + r + 1, y + r + 1]]), lb).reshape(1, 4)
+        out = aug(image, kps, box.astype(np.float32), seed, letterbox=lb)
+        assert out.image.shape == (128, 128, 3)
+        if out.keypoints[0, 0, 2] == VIS_UNLABELLED or out.image.max() < 100:
+            continue
+        cx, cy = _centroid(out.image.max(axis=2))
+        assert np.hypot(out.keypoints[0, 0, 0] - cx, out.keypoints[0, 0, 1] - cy) < 0.5, seed
+        checked += 1
+    assert checked >= 25
+
+
+def test_identity_warp_equals_the_test_time_letterbox():
+    """No augmentation: the one warp reproduces letterbox_image (INTER_AREA / bilinear) closely,
+    for a shrink by less than 2, a shrink by more than 2 (halvings) and an enlargement."""
+    import cv2
+
+    from dataset.letterbox import letterbox_image, letterbox_params
+
+    aug = Augmenter(_no_colour(), SKELETON)
+    rng = np.random.default_rng(0)
+    for h, w in [(200, 160), (700, 520), (60, 90)]:
+        # smooth content: features of about 4 network pixels whatever the picture's size
+        cells = 128 // 4
+        small = rng.integers(0, 255, (cells, cells, 3)).astype(np.uint8)
+        image = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+        lb = letterbox_params(h, w, 128, 128)
+        out = aug(image, np.zeros((0, J, 3)), np.zeros((0, 4)), 0, letterbox=lb)
+        ref = letterbox_image(image, lb)
+        inner = (slice(lb.pad_y + 1, lb.pad_y + lb.new_h - 1), slice(lb.pad_x + 1, lb.pad_x + lb.new_w - 1))
+        diff = np.abs(out.image[inner].astype(int) - ref[inner].astype(int))
+        assert diff.mean() < 1.5 and diff.max() <= 16, (h, w, diff.mean(), diff.max())
+        # the padding stays black (but for the one row or column the bilinear edge blends into)
+        assert out.image[:max(0, lb.pad_y - 1)].max(initial=0) == 0
+        assert out.image[:, :max(0, lb.pad_x - 1)].max(initial=0) == 0
