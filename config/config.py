@@ -49,6 +49,7 @@ class DataConfig:
     max_val_images: int = 0           # per-epoch score on a fixed, seeded subset of this size; 0 = all (the end: all)
     strict_annotations: bool = False  # a person with bad values stops the read (default: dropped, counted, logged)
     keep_empty_train_images: bool = False  # train on images without people too (COCO: ~54k of 118k)
+    max_people_per_image: int = 32    # people slots per training image sent to the device (more: first 32 kept, logged)
 
 
 @dataclasses.dataclass
@@ -363,7 +364,8 @@ def validate(cfg: Config) -> None:
                              f"{8 * s} (HRNet's lowest branch is at stride 32)")
     positive = {"batch_size": cfg.data.batch_size, "sigma": cfg.spr.sigma, "tau": cfg.spr.tau,
                 "max_people": cfg.spr.max_people, "epochs": cfg.train.epochs,
-                "nms_window": cfg.spr.nms_window, "steps_per_call": cfg.train.steps_per_call}
+                "nms_window": cfg.spr.nms_window, "steps_per_call": cfg.train.steps_per_call,
+                "max_people_per_image": cfg.data.max_people_per_image}
     for name, v in positive.items():
         if not v > 0:
             raise ValueError(f"config field {name!r} must be positive, got {v}")

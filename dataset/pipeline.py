@@ -73,19 +73,20 @@ import numpy as np
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
-from config.skeletons import Skeleton
 from dataset.ai_challenger import read_ai_challenger
 from dataset.augment import Augmenter, unlabel_outside
 from dataset.coco import read_coco
 from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
 from dataset.records import ImageRecord, ReadStats
 from dataset.synthetic import ensure_synthetic_dataset
-from nets.spr import encode
+from config.skeletons import VIS_UNLABELLED, Skeleton
+from nets.spr import encode, encode_batch
 
 log = logging.getLogger(__name__)
 
 MODES = ("train", "val")
 TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
+LABEL_KEYS = ("keypoints", "boxes", "ignore")
 
 
 # ----------------------------------------------------------------------------- records
@@ -260,7 +261,13 @@ class InputPipeline:
         self.skipped = SkipCounter()
         self.augmenter = None
         if mode == "train" and cfg.augment.augment:
-            self.augmenter = Augmenter(cfg.augment, self.skeleton)
+            self.augmenter = Augmenter(cfg.augment, self.skeleton, colorspace="BGR")
+        slots = cfg.data.max_people_per_image
+        crowded = [r.image_id for r in self.records if len(r.keypoints) > slots]
+        if crowded and mode == "train":
+            log.warning("%d %s images have more than max_people_per_image = %d people (first: %s); "
+                        "training keeps the first %d of each (raise --max-people-per-image to keep all)",
+                        len(crowded), mode, slots, ", ".join(crowded[:5]), slots)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -275,38 +282,69 @@ class InputPipeline:
         image = cv2.cvtColor(letterbox_image(bgr, lb), cv2.COLOR_BGR2RGB)
         return image, lb, record
 
-    def sample(self, index: int, seed: int = 0) -> Sample:
-        """Prepare record ``index`` with augmentation ``seed``; ImageError when unusable."""
-        image, lb, record = self._load(index)
+    def _prepare(self, index: int, seed: int):
+        """Image, keypoints, boxes and ignore cells of record ``index`` (no SPR targets).
+
+        Returns ``(rgb [H, W, 3] uint8, keypoints [N, J, 3], boxes [N, 4], ignore [h, w] bool or
+        None, letterbox, flipped)``; ImageError when the picture is unusable.
+        """
+        record = self.records[index]
+        bgr = read_image(record.image_path, (record.height, record.width))
+        lb = letterbox_params(bgr.shape[0], bgr.shape[1], *self.input_hw)
         keypoints = record.keypoints.copy()
         keypoints[..., :2] = to_network(keypoints[..., :2], lb)
         boxes = to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4).astype(np.float32)
-        mask = None
+        full_mask = None
         if self.cfg.data.ignore_crowd and record.ignore_regions:
-            full = ignore_mask(record.ignore_regions, lb.src_h, lb.src_w).astype(np.uint8) * 255
-            mask = letterbox_image(full, lb) >= 128
-        flipped = False
-        if self.augmenter is not None:
-            out = self.augmenter(image, keypoints, boxes, int(seed), mask)
+            full_mask = ignore_mask(record.ignore_regions, lb.src_h, lb.src_w)
+        flipped, mask = False, None
+        if self.augmenter is not None:          # letterbox and augmentation: one warp of the picture
+            out = self.augmenter(bgr, keypoints, boxes, int(seed), full_mask, letterbox=lb)
             image, keypoints, boxes, mask, flipped = out.image, out.keypoints, out.boxes, out.mask, out.flipped
         else:
+            image = letterbox_image(bgr, lb)
+            if full_mask is not None:
+                mask = letterbox_image(full_mask.astype(np.uint8) * 255, lb) >= 128
             unlabel_outside(keypoints, *self.input_hw)
-        targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        ignore = None
         if mask is not None:
             h, w = self.output_hw
-            cells = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
-            targets["root_weight"][cells[..., None] & (targets["root"] <= 0)] = 0.0
+            ignore = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+        return image, keypoints, boxes, ignore, lb, flipped
+
+    def sample(self, index: int, seed: int = 0) -> Sample:
+        """Prepare record ``index`` with augmentation ``seed``, targets by the NumPy reference
+        encoder (what the training step renders from :meth:`dataset`'s labels); ImageError when
+        the picture is unusable."""
+        image, keypoints, boxes, ignore, lb, flipped = self._prepare(index, seed)
+        targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
+        if ignore is not None:
+            targets["root_weight"][ignore[..., None] & (targets["root"] <= 0)] = 0.0
         return Sample(image, keypoints, boxes, targets, lb, flipped)
 
     def _train_element(self, index, seed):
-        """numpy_function body: (image, root, root_weight, disp, disp_weight, ok)."""
+        """numpy_function body: (image, keypoints [P, J, 3], boxes [P, 4], packed ignore, ok)."""
+        keypoints, boxes, packed = self._empty_labels()
         try:
-            s = self.sample(int(index), int(seed))
+            image, kps, bxs, ignore, _, _ = self._prepare(int(index), int(seed))
         except ImageError as e:
             self.skipped.add(e)
-            return (np.zeros((*self.input_hw, 3), np.uint8),
-                    *(np.zeros(shape, np.float32) for shape in self._target_shapes()), False)
-        return (s.image, *(s.targets[k] for k in TARGET_KEYS), True)
+            return np.zeros((*self.input_hw, 3), np.uint8), keypoints, boxes, packed, False
+        # People with no labelled joint (all inside the input after augmentation) encode
+        # nothing: they take no slot. More than P people: the first P (logged at construction).
+        people = np.flatnonzero((kps[..., 2] > VIS_UNLABELLED).any(axis=1))[:len(keypoints)]
+        keypoints[:len(people)] = kps[people]
+        boxes[:len(people)] = bxs[people]
+        if ignore is not None:
+            packed = np.packbits(ignore, axis=1)
+        return image, keypoints, boxes, packed, True
+
+    def _empty_labels(self):
+        h, w = self.output_hw
+        p, j = self.cfg.data.max_people_per_image, self.skeleton.num_joints
+        return (np.zeros((p, j, 3), np.float32), np.zeros((p, 4), np.float32),
+                np.zeros((h, (w + 7) // 8), np.uint8))
 
     def _eval_element(self, index):
         """numpy_function body: (image, letterbox [4], image_hw [2], ok)."""
@@ -317,11 +355,6 @@ class InputPipeline:
             return (np.zeros((*self.input_hw, 3), np.uint8), np.zeros(4, np.float32),
                     np.zeros(2, np.int32), False)
         return image, lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True
-
-    def _target_shapes(self):
-        h, w = self.output_hw
-        c = 2 * self.skeleton.num_joints
-        return [(h, w, 1), (h, w, 1), (h, w, c), (h, w, c)]
 
     # ------------------------------------------------------------------ tf.data
 
@@ -354,21 +387,21 @@ class InputPipeline:
         train = self.mode == "train"
         batch_size = int(batch_size or self.cfg.data.batch_size)
         h, w = self.input_hw
-        shapes = [(h, w, 3), *self._target_shapes()]
+        shapes = [(h, w, 3), *(x.shape for x in self._empty_labels())]
 
         def prepare(index, seed):
             out = tf.numpy_function(self._train_element, [index, seed],
-                                    [tf.uint8] + [tf.float32] * 4 + [tf.bool], name="prepare_sample")
+                                    [tf.uint8, tf.float32, tf.float32, tf.uint8, tf.bool],
+                                    name="prepare_sample")
             for t, shape in zip(out, shapes):
                 t.set_shape(shape)
             out[-1].set_shape(())
-            return out[0], dict(zip(TARGET_KEYS, out[1:5])), out[5]
+            return out[0], dict(zip(LABEL_KEYS, out[1:4])), out[4]
 
         ds = self.element_indices_and_seeds(input_context, repeat)
         ds = ds.map(prepare, **self._map_kwargs())
         ds = ds.filter(_is_ok).map(_drop_ok)
         ds = ds.batch(batch_size, drop_remainder=train)
-        ds = ds.map(_images_to_float)
         return self._finish(ds, input_context)
 
     def eval_dataset(self, batch_size: Optional[int] = None):
@@ -424,3 +457,22 @@ def _images_to_float(images, labels):
 
 
 # ----------------------------------------------------------------------------- shortcuts
+
+
+# ----------------------------------------------------------------------------- targets
+
+def render_targets(labels: Dict[str, Any], cfg) -> Dict[str, Any]:
+    """SPR targets of a batch of :meth:`InputPipeline.dataset` labels, in the graph.
+
+    ``labels``: ``keypoints`` [B, P, J, 3], ``boxes`` [B, P, 4], ``ignore`` [B, h, w/8] bits of
+    the output cells to leave out of the root loss (``np.packbits`` order, first cell in the
+    high bit). Returns the dict of ``nets.spr.encode_batch``; the training step calls this on
+    the device, so the host ships images and points only.
+    """
+    packed = tf.cast(labels["ignore"], tf.int32)
+    shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.int32)
+    bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed[..., None], shifts), 1)
+    h, w = cfg.output_shape
+    ignore = tf.reshape(bits, [tf.shape(packed)[0], h, -1])[:, :, :w] > 0
+    return encode_batch(labels["keypoints"], labels["boxes"], cfg.skeleton, cfg.spr,
+                        (cfg.data.input_height, cfg.data.input_width), ignore=ignore)

@@ -11,7 +11,7 @@ import tensorflow as tf
 from config import get_preset
 from dataset import synthetic
 from dataset.ai_challenger import read_ai_challenger
-from dataset.pipeline import InputPipeline, load_records
+from dataset.pipeline import InputPipeline, render_targets, load_records
 from config.skeletons import VIS_UNLABELLED
 from dataset.letterbox import letterbox_image, letterbox_params, to_network
 from nets.spr import decode
@@ -55,14 +55,18 @@ def test_pipeline_output_decodes_to_the_augmented_keypoints(records):
     batches = list(pipe.dataset().take(4))
     flips = []
     for k, (index, seed) in enumerate(pairs):
-        images, targets = batches[k // 2]
+        images, labels = batches[k // 2]
         b = k % 2
-        assert images.dtype == tf.float32 and images.shape == (2, SIZE, SIZE, 3)
+        # the host ships uint8 pictures and a few KB of points; the step renders the targets
+        assert images.dtype == tf.uint8 and images.shape == (2, SIZE, SIZE, 3)
+        assert set(labels) == {"keypoints", "boxes", "ignore"}
         sample = pipe.sample(int(index), int(seed))          # the same work in plain Python
-        np.testing.assert_array_equal(images[b].numpy(), sample.image.astype(np.float32))
+        np.testing.assert_array_equal(images[b].numpy(), sample.image)
+        targets = render_targets(labels, cfg)               # TF encoder == NumPy reference
         got = {key: v[b].numpy() for key, v in targets.items()}
+        assert set(got) == set(sample.targets)
         for key in got:
-            np.testing.assert_array_equal(got[key], sample.targets[key])
+            np.testing.assert_allclose(got[key], sample.targets[key], rtol=0, atol=1e-6)
         error, found, people = _decoded_error(got, sample.keypoints, cfg)
         assert found == people and error < 0.01
         flips.append(sample.flipped)
@@ -141,8 +145,14 @@ def test_batching_and_sharding(records):
     pipe = InputPipeline(_cfg(), "train", records)
     train = [x.shape[0] for x, _ in pipe.dataset(batch_size=3)]
     assert train == [3, 3]                                               # drop_remainder
-    images, targets = next(iter(pipe.dataset(batch_size=3)))
-    J = pipe.skeleton.num_joints
+    images, labels = next(iter(pipe.dataset(batch_size=3)))
+    J, P = pipe.skeleton.num_joints, pipe.cfg.data.max_people_per_image
+    assert labels["keypoints"].shape == (3, P, J, 3) and labels["boxes"].shape == (3, P, 4)
+    assert labels["ignore"].shape == (3, 32, 4) and labels["ignore"].dtype == tf.uint8
+    # host bytes per picture: the uint8 image plus the points
+    per_image = sum(v.numpy().nbytes for v in (images, *labels.values())) / 3
+    assert per_image <= SIZE * SIZE * 3 + 8 * 1024
+    targets = render_targets(labels, pipe.cfg)
     assert targets["root"].shape == (3, 32, 32, 1) and targets["root_weight"].shape == (3, 32, 32, 1)
     assert targets["disp"].shape == (3, 32, 32, 2 * J) and targets["disp_weight"].shape == (3, 32, 32, 2 * J)
     val = [x.shape[0] for x, _ in InputPipeline(_cfg(), "val", records).dataset(batch_size=3)]
@@ -175,6 +185,18 @@ def test_ignore_regions_zero_the_root_weight_but_not_at_people(records):
     assert np.all(weight[root > 0] == 1)                                # people keep their peaks
     t_off = InputPipeline(_cfg(ignore_crowd=False), "val", [rec]).sample(0).targets
     assert np.all(t_off["root_weight"] == 1)
+
+    # training: the region warped with the augmentation, shipped as bits, rendered in the graph
+    pipe = InputPipeline(_cfg(ignore_crowd=True, batch_size=4), "train", [rec] * 4)
+    pairs = list(pipe.element_indices_and_seeds().take(4).as_numpy_iterator())
+    _, labels = next(iter(pipe.dataset()))
+    rendered = render_targets(labels, pipe.cfg)["root_weight"].numpy()
+    zeroed = 0
+    for b, (index, seed) in enumerate(pairs):
+        ref = pipe.sample(int(index), int(seed)).targets["root_weight"]
+        np.testing.assert_array_equal(rendered[b], ref)
+        zeroed += int((ref == 0).sum())
+    assert zeroed > 100
 
 
 def test_missing_configuration_is_a_clear_error():

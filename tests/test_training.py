@@ -28,8 +28,8 @@ def test_loss_falls_over_20_steps_on_a_fixed_batch(tmp_path):
     from utils.training import Trainer
 
     cfg = tiny_config(str(tmp_path), batch_size=4, steps_per_epoch=20, epochs=1, lr=3e-3)
-    images, targets = fixed_batch(cfg, 4)
-    trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets))
+    images, labels = fixed_batch(cfg, 4)
+    trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
     it = iter(trainer.dist_dataset)
     losses = [trainer.run_steps(it, 1)["total"] for _ in range(20)]
     assert all(np.isfinite(losses))
@@ -42,14 +42,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     from utils.training import NonFiniteLossError, Trainer
 
     cfg = tiny_config(str(tmp_path), steps_per_epoch=3, epochs=2)
-    images, targets = fixed_batch(cfg, 2)
-    good = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets))
+    images, labels = fixed_batch(cfg, 2)
+    good = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
     good.fit()                                       # 2 epochs of 3 steps; then the data turns bad
     saved = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
     assert saved and saved[-1].endswith("ckpt-6.index")
-    bad_targets = dict(targets, disp=np.full_like(targets["disp"], np.nan))
+    bad_images = np.full(images.shape, np.nan, np.float32)
     cfg3 = cfg.replace(epochs=3)
-    bad = Trainer(cfg3, evaluate_fn=no_eval, pipeline=FixedPipeline(images, bad_targets))
+    bad = Trainer(cfg3, evaluate_fn=no_eval, pipeline=FixedPipeline(bad_images, labels))
     assert bad.resumed_from is not None and int(bad.step.numpy()) == 6
     with pytest.raises(NonFiniteLossError, match="non-finite loss or update at step 7"):
         bad.fit()
@@ -314,9 +314,9 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
     trunk = build_hrnet(backbone_spec(cfg.model), (64, 64, 3))
     backbone = str(tmp_path / "backbone.weights.h5")
     save_layer_weights(trunk, backbone)
-    images, targets = fixed_batch(cfg, 2)
+    images, labels = fixed_batch(cfg, 2)
     trainer = Trainer(cfg.replace(backbone_weights=backbone), evaluate_fn=no_eval,
-                      pipeline=FixedPipeline(images, targets))
+                      pipeline=FixedPipeline(images, labels))
     np.testing.assert_array_equal(np.asarray(get_backbone(trainer.model).get_layer("conv1").kernel),
                                   np.asarray(trunk.get_layer("conv1").kernel))
     trainer.fit()
@@ -346,8 +346,8 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
     for xla in (False, True):
         cfg = tiny_config(str(tmp_path / f"xla{xla}"), batch_size=2, optimizer="sgd", lr=1e-2, xla=xla,
                           grad_clip_norm=1.0, steps_per_call=1)
-        images, targets = fixed_batch(cfg, 2)
-        trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, targets),
+        images, labels = fixed_batch(cfg, 2)
+        trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels),
                           gradient_hook=nan_at(2))
         if not moves:
             randomise_output_kernels(trainer.model)      # zero output kernels would stop the gradient

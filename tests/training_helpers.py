@@ -29,26 +29,28 @@ def tiny_config(run_dir: str = "", **overrides):
 
 
 def fixed_batch(cfg, size: int, seed: int = 0):
-    """A deterministic batch (images float32 [size, H, W, 3], SPR targets) of drawn people."""
+    """A deterministic batch of drawn people: (uint8 images [size, H, W, 3], labels), the labels
+    as InputPipeline.dataset() yields them (padded keypoints and boxes, packed ignore bits)."""
     import cv2
-    from nets.spr import encode
 
     rng = np.random.default_rng(seed)
     h, w = cfg.data.input_height, cfg.data.input_width
-    J = cfg.skeleton.num_joints
-    images, targets = [], []
-    for _ in range(size):
+    oh, ow = cfg.output_shape
+    J, P = cfg.skeleton.num_joints, cfg.data.max_people_per_image
+    images = np.zeros((size, h, w, 3), np.uint8)
+    labels = {"keypoints": np.zeros((size, P, J, 3), np.float32), "boxes": np.zeros((size, P, 4), np.float32),
+              "ignore": np.zeros((size, oh, (ow + 7) // 8), np.uint8)}
+    for i in range(size):
         image = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
         centre = rng.uniform([w * 0.3, h * 0.3], [w * 0.7, h * 0.7])
         kps = np.concatenate([centre + rng.normal(0, w * 0.12, size=(J, 2)), np.full((J, 1), 2.0)], 1)
         kps[:, :2] = np.clip(kps[:, :2], 1, [w - 2, h - 2])
         for (x, y) in kps[:, :2]:
             cv2.circle(image, (int(x), int(y)), 2, (255, 200, 50), -1)
-        box = np.concatenate([kps[:, :2].min(0), kps[:, :2].max(0)])[None]
-        images.append(image.astype(np.float32))
-        targets.append(encode(kps[None], box, cfg.skeleton, cfg.spr, (h, w)))
-    batch_targets = {k: np.stack([t[k] for t in targets]) for k in targets[0]}
-    return np.stack(images), batch_targets
+        images[i] = image
+        labels["keypoints"][i, 0] = kps
+        labels["boxes"][i, 0] = np.concatenate([kps[:, :2].min(0), kps[:, :2].max(0)])
+    return images, labels
 
 
 def random_head_run(run_dir: str, **overrides):
@@ -87,8 +89,8 @@ class FixedPipeline:
 
     skipped = _NoSkips()
 
-    def __init__(self, images, targets, num_examples: int = 0):
-        self.images, self.targets = images, targets
+    def __init__(self, images, labels, num_examples: int = 0):
+        self.images, self.labels = images, labels
         self.num_examples = num_examples or len(images)
 
     def __len__(self):
@@ -97,7 +99,7 @@ class FixedPipeline:
     def dataset(self, batch_size=None, input_context=None, repeat=False):
         import tensorflow as tf
 
-        images, targets = self.images, self.targets
+        images, labels = self.images, self.labels
         per_replica = len(images)
         if input_context is not None:
             per_replica = input_context.get_per_replica_batch_size(len(images))
@@ -105,8 +107,8 @@ class FixedPipeline:
                 input_context.num_replicas_in_sync // input_context.num_input_pipelines)
             n = per_replica * input_context.num_replicas_in_sync // input_context.num_input_pipelines
             images = images[lo:lo + n]
-            targets = {k: v[lo:lo + n] for k, v in targets.items()}
-        ds = tf.data.Dataset.from_tensor_slices((images, targets)).batch(per_replica).repeat()
+            labels = {k: v[lo:lo + n] for k, v in labels.items()}
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(per_replica).repeat()
         return ds
 
 
@@ -176,9 +178,9 @@ def run_mode(mode: str, out: str, *extra: str):
             common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1)
             cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4, **common)
             cfg1 = synthetic_config(os.path.join(out, f"one{precision}"), extra[0], batch_size=8, **common)
-            images, targets = fixed_batch(cfg1, 4)
+            images, labels = fixed_batch(cfg1, 4)
             pipe = FixedPipeline(np.concatenate([images, images]),
-                                 {k: np.concatenate([v, v]) for k, v in targets.items()})
+                                 {k: np.concatenate([v, v]) for k, v in labels.items()})
             # 2 replicas: float16 overflows at replica 1 in step 2 (after the comparison)
             two = Trainer(cfg2, two_cpus, pipeline=pipe, gradient_hook=nan_at(2, replica=1) if precision else None)
             one = Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe)
@@ -240,8 +242,8 @@ def run_mode(mode: str, out: str, *extra: str):
                                epochs=1, seed=0, deterministic=True, sync_batchnorm=True,
                                checkpoint_every_steps=every, steps_per_call=1)
         tf.keras.utils.set_random_seed(0)
-        images, targets = fixed_batch(cfg, 4)
-        trainer = Trainer(cfg, strategy, pipeline=FixedPipeline(images, targets))
+        images, labels = fixed_batch(cfg, 4)
+        trainer = Trainer(cfg, strategy, pipeline=FixedPipeline(images, labels))
         start_step = int(trainer.step.numpy())
         if trainer.resumed_from is None:
             randomise_output_kernels(trainer.model, std=0.3)

@@ -61,7 +61,7 @@ import keras
 import tensorflow as tf
 
 from config import Config, load_config
-from dataset.pipeline import InputPipeline
+from dataset.pipeline import InputPipeline, render_targets
 from nets.losses import spm_loss
 from nets.spm_model import build_spm_model, load_backbone_weights
 from utils.evaluation import Evaluator, save_prediction_picture
@@ -325,9 +325,11 @@ class Trainer:
         hook = self.gradient_hook
         variables = model.trainable_variables
 
-        def replica_step(images, targets, step):
+        def replica_step(images, labels, step):
+            # The host sends uint8 pictures and padded points; the targets are drawn here.
+            targets = render_targets(labels, cfg)
             with tf.GradientTape() as tape:
-                outputs = model(images, training=True)
+                outputs = model(tf.cast(images, tf.float32), training=True)
                 losses = spm_loss(targets, outputs, cfg.loss, global_batch)
                 scaled = opt.scale_loss(losses["total"]) if loss_scaling else losses["total"]
             grads = tape.gradient(scaled, variables)
@@ -360,9 +362,9 @@ class Trainer:
             first_bad = tf.constant(-1, tf.int64)
             skipped = tf.constant(0, tf.int64)
             for _ in tf.range(num_steps):
-                images, targets = next(iterator)
+                images, labels = next(iterator)
                 step = self.step.assign_add(1)
-                losses, finite = strategy.run(step_fn, args=(images, targets, step))
+                losses, finite = strategy.run(step_fn, args=(images, labels, step))
                 losses = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, losses[k], axis=None)
                           for k in self.LOSS_KEYS}
                 finite = strategy.experimental_local_results(finite)[0]

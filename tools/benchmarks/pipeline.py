@@ -1,12 +1,24 @@
-"""``python3 tools/benchmark.py pipeline``: images/s through the training input pipeline.
+"""``python3 tools/benchmark.py pipeline``: images/s of the training input against decoding alone.
 
-Measures the whole training pipeline of ``dataset/pipeline.py`` (file read, JPEG decode,
-letterbox, imgaug augmentation, SPR encoding, batching, float cast) on the synthetic data set
-(generated into the cache on first use), and, separately, the cost of each stage per image,
-timed one image at a time in this thread (OpenCV may still use its own threads), to show where
-the time goes.
+In one run, on the same files and cores:
 
-    python3 tools/benchmark.py pipeline [--preset P] [--input 512x512] [--batches N]
+* **pipeline**: ``InputPipeline(cfg, "train").dataset()`` (file read, JPEG decode, letterbox and
+  imgaug augmentation in one warp, colour, padded points): images/s;
+* **decode only**: a tf.data pipeline that only reads and decodes the same JPEGs
+  (``tf.io.decode_jpeg``, parallel map): images/s, and the ratio of the two;
+* **host bytes per image**: what one training image puts into the batch that is copied to the
+  device (the uint8 picture plus keypoints, boxes and ignore bits; the SPR targets are rendered
+  on the device by ``dataset.pipeline.render_targets``);
+* **per-stage costs**: ms per image of each host stage, one image at a time in this thread, and
+  of the TF target rendering per image (batch of ``--batch-size``) on this machine's CPU.
+
+Data: an annotation file and image folder (``--json``/``--images``, AI Challenger or COCO with
+``--dataset``), or by default ``--photos N`` photo-like JPEGs of 640x640 pixels written once into
+the cache (``tools/benchmarks/photos.py``: synthetic people with photographic texture, about 0.5
+bytes per pixel like COCO's JPEGs).
+
+    python3 tools/benchmark.py pipeline [--json F --images DIR [--dataset coco]] [--preset P]
+                                        [--input 512x512] [--batches N] [--batch-size B]
 """
 
 from __future__ import annotations
@@ -20,11 +32,12 @@ from typing import Dict, List
 
 import cv2
 import numpy as np
+import tensorflow as tf
 
 from config import get_preset
 from dataset.letterbox import letterbox_image, letterbox_params, to_network
-from dataset.pipeline import InputPipeline
-from nets.spr import encode
+from dataset.pipeline import InputPipeline, render_targets
+from tools.benchmarks.photos import ensure_photos
 
 
 def _parse_hw(text: str):
@@ -35,14 +48,12 @@ def _parse_hw(text: str):
     return h, w
 
 
-def _stage_costs(pipeline, count: int) -> Dict[str, float]:
-    """Mean ms per image of each stage, run one after another in this thread."""
-
-    cfg = pipeline.cfg
-    totals = {"read_file": 0.0, "decode_jpeg": 0.0, "letterbox": 0.0, "augment": 0.0,
-              "encode_targets": 0.0, "sample_total": 0.0}
+def _stage_costs(pipeline: InputPipeline, count: int) -> Dict[str, float]:
+    """Mean ms per image of each host stage, one image after another in this thread."""
+    totals = dict.fromkeys(("read_file", "decode_jpeg", "augment_warp_colour", "to_rgb", "element_total"), 0.0)
     for i in range(count):
-        record = pipeline.records[i % len(pipeline)]
+        index = i % len(pipeline)
+        record = pipeline.records[index]
         t0 = time.perf_counter()
         with open(record.image_path, "rb") as f:
             data = f.read()
@@ -50,28 +61,41 @@ def _stage_costs(pipeline, count: int) -> Dict[str, float]:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         t2 = time.perf_counter()
         lb = letterbox_params(bgr.shape[0], bgr.shape[1], *pipeline.input_hw)
-        image = cv2.cvtColor(letterbox_image(bgr, lb), cv2.COLOR_BGR2RGB)
         kps = record.keypoints.copy()
         kps[..., :2] = to_network(kps[..., :2], lb)
         boxes = to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4)
-        t3 = time.perf_counter()
         if pipeline.augmenter is not None:
-            out = pipeline.augmenter(image, kps, boxes, i)
-            kps, boxes = out.keypoints, out.boxes
+            image = pipeline.augmenter(bgr, kps, boxes, i, letterbox=lb).image
+        else:
+            image = letterbox_image(bgr, lb)
+        t3 = time.perf_counter()
+        cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         t4 = time.perf_counter()
-        encode(kps, boxes, pipeline.skeleton, cfg.spr, pipeline.input_hw)
+        pipeline._train_element(index, i)
         t5 = time.perf_counter()
-        pipeline.sample(i % len(pipeline), i)
-        t6 = time.perf_counter()
-        for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             totals[key] += dt
-    return {k: round(1000.0 * v / count, 2) for k, v in totals.items()}
+    return {k: round(1000.0 * v / count, 3) for k, v in totals.items()}
+
+
+def _rate(iterator, count: int, size_of) -> float:
+    start = time.perf_counter()
+    images = 0
+    for _ in range(count):
+        images += size_of(next(iterator))
+    return images / (time.perf_counter() - start)
 
 
 def run_benchmark(name: str, argv: List[str]) -> dict:
     parser = argparse.ArgumentParser(prog=f"benchmark.py {name}", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--preset", default="tiny_synthetic",
-                        help="config preset for the SPR and augmentation settings (data: synthetic)")
+    parser.add_argument("--preset", default="ai_challenger_w32_512",
+                        help="config preset for the SPR and augmentation settings (default ai_challenger_w32_512)")
+    parser.add_argument("--json", default="", help="annotation file (default: the photo-like set)")
+    parser.add_argument("--images", default="", help="image folder of --json")
+    parser.add_argument("--dataset", default="ai_challenger", choices=("ai_challenger", "coco"),
+                        help="format of --json (default ai_challenger)")
+    parser.add_argument("--photos", type=int, default=400, help="photo-like JPEGs to use without --json (default 400)")
+    parser.add_argument("--photo-side", type=int, default=640, help="their width and height (default 640)")
     parser.add_argument("--input", type=_parse_hw, default=(512, 512), metavar="WxH",
                         help="network input size (default 512x512)")
     parser.add_argument("--batches", type=int, default=40, help="timed batches (default 40)")
@@ -82,36 +106,72 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     parser.add_argument("--stage-images", type=int, default=40,
                         help="images for the per-stage timing (default 40)")
     args = parser.parse_args(argv)
-
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if bool(args.json) != bool(args.images):
+        parser.error("--json and --images go together")
+    if args.json:
+        json_path, image_dir, dataset = args.json, args.images, args.dataset
+    else:
+        json_path, image_dir = ensure_photos(args.photos, args.photo_side)
+        dataset = "ai_challenger"
 
     h, w = args.input
     cfg = get_preset(args.preset).replace(
-        dataset="synthetic", skeleton="ai_challenger", input_height=h, input_width=w,
+        dataset=dataset, train_json=json_path, train_images=image_dir,
+        skeleton="coco" if dataset == "coco" else "ai_challenger", input_height=h, input_width=w,
         batch_size=args.batch_size, num_parallel_calls=args.parallel, augment=not args.no_augment)
-    pipeline = InputPipeline(cfg, "train")      # generates the synthetic set on first use
+    pipeline = InputPipeline(cfg, "train")
+    paths = [r.image_path for r in pipeline.records]
+    file_bytes = np.mean([os.path.getsize(p) for p in paths[:200]])
+    pixels = np.mean([(r.width or 0) * (r.height or 0) for r in pipeline.records[:200]])
     load_before = os.getloadavg()
 
     stages = _stage_costs(pipeline, args.stage_images)
-    dataset = pipeline.dataset(repeat=True)
-    iterator = iter(dataset)
+
+    # Decode only: the same files, read and decoded by tf.data's parallel map.
+    decode = tf.data.Dataset.from_tensor_slices(paths).repeat().map(
+        lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3, dct_method="INTEGER_ACCURATE"),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).prefetch(tf.data.AUTOTUNE)
+    decode_iter = iter(decode)
+    _rate(decode_iter, 3 * args.batch_size, lambda x: 1)
+    decode_rate = _rate(decode_iter, args.batches * args.batch_size, lambda x: 1)
+    del decode_iter
+
+    dataset_ = pipeline.dataset(repeat=True)
+    iterator = iter(dataset_)
+    images, labels = next(iterator)
+    host_bytes = sum(int(t.numpy().nbytes) for t in (images, *labels.values())) / int(images.shape[0])
     for _ in range(3):                          # warm-up: thread pools, autotuning
         next(iterator)
-    start = time.perf_counter()
-    images = 0
-    for _ in range(args.batches):
-        batch, _targets = next(iterator)
-        images += int(batch.shape[0])
-    seconds = time.perf_counter() - start
+    pipeline_rate = _rate(iterator, args.batches, lambda batch: int(batch[0].shape[0]))
     # The iterator's threads call into Python: end them before the interpreter shuts down.
-    del iterator, dataset
+    del iterator, dataset_
     gc.collect()
+
+    # The device side, here on this CPU: targets of one batch rendered by the TF encoder.
+    render = tf.function(lambda lab: render_targets(lab, cfg), jit_compile=True)
+    render(labels)
+    t = time.perf_counter()
+    for _ in range(5):
+        out = render(labels)
+    out["disp"].numpy()
+    render_ms = 1000.0 * (time.perf_counter() - t) / 5 / int(images.shape[0])
+    target_bytes = sum(int(np.prod(v.shape[1:])) * 4 for v in out.values())
 
     cores = os.cpu_count() or 1
     result = {
         "benchmark": "pipeline",
-        "images_per_s": round(images / seconds, 1),
+        "images_per_s": round(pipeline_rate, 1),
+        "decode_only_images_per_s": round(decode_rate, 1),
+        "ratio": round(pipeline_rate / decode_rate, 3),
+        "host_bytes_per_image": int(host_bytes),
+        "target_bytes_per_image_if_sent": target_bytes,
+        "render_targets_ms_per_image_cpu": round(render_ms, 3),
+        "data": json_path,
+        "images": len(paths),
+        "mean_file_bytes": int(file_bytes),
+        "mean_pixels": int(pixels),
+        "bytes_per_pixel": round(float(file_bytes / pixels), 3) if pixels else None,
         "cores": cores,
         "input": f"{w}x{h}",
         "batch_size": args.batch_size,
@@ -119,14 +179,14 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
         "augment": not args.no_augment,
         "num_parallel_calls": args.parallel,
         "stage_ms_per_image": stages,
-        "single_thread_images_per_s": round(1000.0 / stages["sample_total"], 1),
         "load_average_before": round(load_before[0], 2),
         "load_average_after": round(os.getloadavg()[0], 2),
         "skipped_images": pipeline.skipped.count,
     }
-    print(f"pipeline: {result['images_per_s']} images/s at {w}x{h}, batch {args.batch_size}, "
-          f"{cores} cores (load average {result['load_average_before']} before, "
-          f"{result['load_average_after']} after)")
-    print("ms per image, stages timed one image at a time (OpenCV may use its own threads): " +
-          ", ".join(f"{k} {v}" for k, v in stages.items()))
+    print(f"pipeline: {result['images_per_s']} images/s, decode only {result['decode_only_images_per_s']} "
+          f"images/s (ratio {result['ratio']}) at {w}x{h}, batch {args.batch_size}, {cores} cores; "
+          f"{len(paths)} files of {int(file_bytes)} bytes ({result['bytes_per_pixel']} bytes/pixel)")
+    print(f"host bytes per image {int(host_bytes)} (the SPR targets would be {target_bytes}); "
+          f"targets rendered in {render_ms:.2f} ms per image on this CPU")
+    print("ms per image, host stages one image at a time: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     return result
