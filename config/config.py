@@ -43,6 +43,7 @@ class DataConfig:
     batch_size: int = 8               # per replica; global batch = batch_size x replicas
     shuffle_buffer: int = 0           # records shuffled per epoch (by index, cheap); 0 = all of them
     num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
+    opencv_threads: int = 1           # cv2.setNumThreads when a pipeline starts (tf.data parallelises); 0 = OpenCV's default
     deterministic: bool = False       # deterministic order and augmentation (uses seed)
     seed: int = 0
     ignore_crowd: bool = True         # ignore regions (COCO crowds, dropped people) left out of the root-map loss

@@ -41,11 +41,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import cv2
 import imgaug.augmenters as iaa
 import numpy as np
+from imgaug.augmentables.batches import UnnormalizedBatch
 from imgaug.augmentables.kps import KeypointsOnImage
 
 from config.skeletons import VIS_UNLABELLED, Skeleton
@@ -134,7 +135,8 @@ class Augmenter:
 
     def __call__(self, image: np.ndarray, keypoints: np.ndarray, boxes: np.ndarray, seed: int,
                  mask: Optional[np.ndarray] = None, letterbox=None) -> Augmented:
-        """Augment one sample; a pure function of the inputs and ``seed``.
+        """Augment one sample (a batch of one, :meth:`augment_batch`); a pure function of the
+        inputs and ``seed``.
 
         Args:
             image: uint8 [h, w, 3]: the decoded picture when ``letterbox`` is given (it is
@@ -146,57 +148,93 @@ class Augmenter:
             letterbox: the :class:`dataset.letterbox.Letterbox` of ``image`` (None: the image
                 is already at the network size).
         """
-        if letterbox is None:
-            H, W = image.shape[:2]
-            to_net = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-        else:
-            if image.shape[:2] != (letterbox.src_h, letterbox.src_w):
-                raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, letterbox expects "
-                                 f"{letterbox.src_w}x{letterbox.src_h}")
-            H, W = letterbox.dst_h, letterbox.dst_w
-            to_net = np.array([[letterbox.scale_x, 0.0, letterbox.pad_x],
-                               [0.0, letterbox.scale_y, letterbox.pad_y]])
-        keypoints = np.asarray(keypoints, np.float32)
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        n, j = keypoints.shape[:2]
+        return self.augment_batch([image], [keypoints], [boxes], seed, [mask], [letterbox])[0]
+
+    def augment_batch(self, images: Sequence[np.ndarray], keypoints: Sequence[np.ndarray],
+                      boxes: Sequence[np.ndarray], seed: int,
+                      masks: Optional[Sequence[Optional[np.ndarray]]] = None,
+                      letterboxes: Optional[Sequence] = None) -> List[Augmented]:
+        """Augment a batch of samples (arguments as for :meth:`__call__`, one per sample).
+
+        One imgaug call moves the points of every unflipped sample, one those of every flipped
+        sample, one recolours every picture: imgaug's per-call cost (about 0.6 ms) is paid per
+        batch, not per picture. A pure function of the inputs and ``seed``.
+        """
+        count = len(images)
+        masks = list(masks) if masks is not None else [None] * count
+        letterboxes = list(letterboxes) if letterboxes is not None else [None] * count
         rng = np.random.default_rng(seed & 0xFFFFFFFFFFFFFFFF)
-        flip = bool(rng.random() < self.flip_prob)
+        flips = rng.random(count) < self.flip_prob
         plain, flipped, colour = self._augmenters()
-        geometry = flipped if flip else plain
-        geometry.seed_(int(rng.integers(0, 2 ** 31 - 1)))
-        colour.seed_(int(rng.integers(0, 2 ** 31 - 1)))
+        for augmenter in (plain, flipped, colour):
+            augmenter.seed_(int(rng.integers(0, 2 ** 31 - 1)))
 
-        # One imgaug call moves the joints, the box corners and three reference points.
-        corners = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 2)
-        reference = np.array([[0.0, 0.0], [W, 0.0], [0.0, H]], np.float32)
-        points = np.concatenate([keypoints[..., :2].reshape(-1, 2), corners, reference])
-        moved = geometry(keypoints=KeypointsOnImage.from_xy_array(points, shape=(H, W, 3)))
-        moved = moved.to_xy_array().astype(np.float32)
-        augment = cv2.getAffineTransform(reference, moved[-3:]).astype(np.float64)
+        sizes, to_nets, points, shapes = [], [], [], []
+        for image, kps, bxs, lb in zip(images, keypoints, boxes, letterboxes):
+            if lb is None:
+                H, W = image.shape[:2]
+                to_net = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+            else:
+                if image.shape[:2] != (lb.src_h, lb.src_w):
+                    raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, letterbox expects "
+                                     f"{lb.src_w}x{lb.src_h}")
+                H, W = lb.dst_h, lb.dst_w
+                to_net = np.array([[lb.scale_x, 0.0, lb.pad_x], [0.0, lb.scale_y, lb.pad_y]])
+            kps = np.asarray(kps, np.float32)
+            bxs = np.asarray(bxs, np.float32).reshape(-1, 4)
+            corners = bxs[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 2)
+            reference = np.array([[0.0, 0.0], [W, 0.0], [0.0, H]], np.float32)
+            points.append(np.concatenate([kps[..., :2].reshape(-1, 2), corners, reference]))
+            sizes.append((H, W))
+            to_nets.append(to_net)
+            shapes.append((kps.shape, len(bxs)))
 
-        # The picture: letterbox then augmentation, one warp (after halvings of large pictures).
-        matrix = _then(to_net, augment)                       # continuous picture -> network input
-        picture = image
-        while abs(np.linalg.det(matrix[:, :2])) < 0.25 and min(picture.shape[:2]) >= 4:
-            h2, w2 = picture.shape[0] // 2, picture.shape[1] // 2
-            picture = cv2.resize(picture[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
-            matrix = matrix @ np.diag([2.0, 2.0, 1.0])        # halved coordinates -> picture
-        warped = cv2.warpAffine(picture, _continuous_to_index(matrix), (W, H), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        warped = colour(image=warped)
-        new_mask = None
-        if mask is not None:
-            new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_net, augment)),
-                                      (W, H), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                                      borderValue=0) > 0
+        # imgaug moves the joints, the box corners and three reference points of each sample.
+        moved: List[np.ndarray] = [None] * count
+        for group, geometry in ((np.flatnonzero(~flips), plain), (np.flatnonzero(flips), flipped)):
+            if len(group):
+                out = geometry(keypoints=[KeypointsOnImage.from_xy_array(points[i], shape=(*sizes[i], 3))
+                                          for i in group])
+                for i, kois in zip(group, out):
+                    moved[i] = kois.to_xy_array().astype(np.float32)
 
-        xy = moved[:n * j].reshape(n, j, 2)
-        new_kps = np.concatenate([xy, keypoints[..., 2:]], axis=-1).astype(np.float32)
-        box_xy = moved[n * j:n * j + 4 * len(boxes)].reshape(-1, 4, 2)
-        new_boxes = np.concatenate([box_xy.min(axis=1), box_xy.max(axis=1)], axis=1).astype(np.float32)
-        new_boxes[:, 0::2] = np.clip(new_boxes[:, 0::2], 0, W)
-        new_boxes[:, 1::2] = np.clip(new_boxes[:, 1::2], 0, H)
-        if flip:
-            new_kps = new_kps[:, self.flip_index]
-        unlabel_outside(new_kps, H, W)
-        return Augmented(image=warped, keypoints=new_kps, boxes=new_boxes, mask=new_mask, flipped=flip)
+        # Same-size outputs are warped straight into one array that imgaug recolours in place.
+        same = len(set(sizes)) == 1
+        warped = np.empty((count, *sizes[0], 3), np.uint8) if same and count else [None] * count
+        results = []
+        for i in range(count):
+            (H, W), image, mask = sizes[i], images[i], masks[i]
+            augment = cv2.getAffineTransform(points[i][-3:], moved[i][-3:]).astype(np.float64)
+            # The picture: letterbox then augmentation, one warp (after halvings of large pictures).
+            matrix = _then(to_nets[i], augment)              # continuous picture -> network input
+            picture = image
+            while abs(np.linalg.det(matrix[:, :2])) < 0.25 and min(picture.shape[:2]) >= 4:
+                h2, w2 = picture.shape[0] // 2, picture.shape[1] // 2
+                picture = cv2.resize(picture[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
+                matrix = matrix @ np.diag([2.0, 2.0, 1.0])   # halved coordinates -> picture
+            out = cv2.warpAffine(picture, _continuous_to_index(matrix), (W, H), dst=warped[i] if same else None,
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            if not same:
+                warped[i] = out
+            new_mask = None
+            if mask is not None:
+                new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_nets[i], augment)),
+                                          (W, H), flags=cv2.INTER_NEAREST,
+                                          borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
+            (n, j, _), num_boxes = shapes[i]
+            kps = np.asarray(keypoints[i], np.float32)
+            xy = moved[i][:n * j].reshape(n, j, 2)
+            new_kps = np.concatenate([xy, kps[..., 2:]], axis=-1).astype(np.float32)
+            box_xy = moved[i][n * j:n * j + 4 * num_boxes].reshape(-1, 4, 2)
+            new_boxes = np.concatenate([box_xy.min(axis=1), box_xy.max(axis=1)], axis=1).astype(np.float32)
+            new_boxes[:, 0::2] = np.clip(new_boxes[:, 0::2], 0, W)
+            new_boxes[:, 1::2] = np.clip(new_boxes[:, 1::2], 0, H)
+            if flips[i]:
+                new_kps = new_kps[:, self.flip_index]
+            unlabel_outside(new_kps, H, W)
+            results.append(Augmented(image=None, keypoints=new_kps, boxes=new_boxes, mask=new_mask,
+                                     flipped=bool(flips[i])))
+        recoloured = colour.augment_batch_(UnnormalizedBatch(images=warped)).images_aug
+        for result, image in zip(results, recoloured):
+            result.image = image
+        return results

@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 MODES = ("train", "val")
 TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
 LABEL_KEYS = ("keypoints", "boxes", "ignore")
+MAX_REPLACEMENTS = 20      # unusable pictures in a row before the pipeline stops
 
 
 # ----------------------------------------------------------------------------- records
@@ -259,6 +260,10 @@ class InputPipeline:
         self.input_hw = (cfg.data.input_height, cfg.data.input_width)
         self.output_hw = cfg.output_shape
         self.skipped = SkipCounter()
+        # tf.data runs the per-image work on its own threads; OpenCV's thread pool on top of
+        # them would oversubscribe the cores (cfg.data.opencv_threads; 0 keeps OpenCV's default).
+        if cfg.data.opencv_threads > 0:
+            cv2.setNumThreads(cfg.data.opencv_threads)
         self.augmenter = None
         if mode == "train" and cfg.augment.augment:
             self.augmenter = Augmenter(cfg.augment, self.skeleton, colorspace="BGR")
@@ -282,12 +287,10 @@ class InputPipeline:
         image = cv2.cvtColor(letterbox_image(bgr, lb), cv2.COLOR_BGR2RGB)
         return image, lb, record
 
-    def _prepare(self, index: int, seed: int):
-        """Image, keypoints, boxes and ignore cells of record ``index`` (no SPR targets).
-
-        Returns ``(rgb [H, W, 3] uint8, keypoints [N, J, 3], boxes [N, 4], ignore [h, w] bool or
-        None, letterbox, flipped)``; ImageError when the picture is unusable.
-        """
+    def _read(self, index: int):
+        """``(bgr, letterbox, keypoints, boxes, ignore mask or None)`` of record ``index``, the
+        points in network-input coordinates, the mask at the picture's size; ImageError when the
+        picture is unusable."""
         record = self.records[index]
         bgr = read_image(record.image_path, (record.height, record.width))
         lb = letterbox_params(bgr.shape[0], bgr.shape[1], *self.input_hw)
@@ -297,48 +300,80 @@ class InputPipeline:
         full_mask = None
         if self.cfg.data.ignore_crowd and record.ignore_regions:
             full_mask = ignore_mask(record.ignore_regions, lb.src_h, lb.src_w)
-        flipped, mask = False, None
-        if self.augmenter is not None:          # letterbox and augmentation: one warp of the picture
-            out = self.augmenter(bgr, keypoints, boxes, int(seed), full_mask, letterbox=lb)
-            image, keypoints, boxes, mask, flipped = out.image, out.keypoints, out.boxes, out.mask, out.flipped
+        return bgr, lb, keypoints, boxes, full_mask
+
+    def _read_or_replace(self, index: int):
+        """:meth:`_read` of record ``index`` or, when its picture is unusable (counted in
+        ``skipped`` and logged once per file), of the next usable record."""
+        tries = min(len(self.records), MAX_REPLACEMENTS)
+        for k in range(tries):
+            try:
+                return self._read((index + k) % len(self.records))
+            except ImageError as e:
+                self.skipped.add(e)
+        raise ValueError(f"{tries} records in a row from {self.records[index].image_path!r} have no usable "
+                         f"picture ({self.skipped.summary()}): is the image folder right?")
+
+    def _prepare_batch(self, indices: Sequence[int], seed: int, replace: bool):
+        """``(rgb, keypoints, boxes, ignore cells or None, letterbox, flipped)`` per record: one
+        augmentation call for the batch (``Augmenter.augment_batch``, a pure function of the
+        records and ``seed``)."""
+        reads = [self._read_or_replace(int(i)) if replace else self._read(int(i)) for i in indices]
+        if self.augmenter is not None:          # letterbox and augmentation: one warp per picture
+            outs = self.augmenter.augment_batch([r[0] for r in reads], [r[2] for r in reads],
+                                                [r[3] for r in reads], int(seed),
+                                                [r[4] for r in reads], [r[1] for r in reads])
+            items = [(o.image, o.keypoints, o.boxes, o.mask, r[1], o.flipped) for o, r in zip(outs, reads)]
         else:
-            image = letterbox_image(bgr, lb)
-            if full_mask is not None:
-                mask = letterbox_image(full_mask.astype(np.uint8) * 255, lb) >= 128
-            unlabel_outside(keypoints, *self.input_hw)
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        ignore = None
-        if mask is not None:
-            h, w = self.output_hw
-            ignore = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
-        return image, keypoints, boxes, ignore, lb, flipped
+            items = []
+            for bgr, lb, keypoints, boxes, full_mask in reads:
+                mask = None
+                if full_mask is not None:
+                    mask = letterbox_image(full_mask.astype(np.uint8) * 255, lb) >= 128
+                items.append((letterbox_image(bgr, lb), unlabel_outside(keypoints, *self.input_hw),
+                              boxes, mask, lb, False))
+        h, w = self.output_hw
+        out = []
+        for image, keypoints, boxes, mask, lb, flipped in items:
+            ignore = None
+            if mask is not None:
+                ignore = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+            out.append((cv2.cvtColor(image, cv2.COLOR_BGR2RGB), keypoints, boxes, ignore, lb, flipped))
+        return out
+
+    def samples(self, indices: Sequence[int], seed: int = 0) -> List[Sample]:
+        """Prepare the records ``indices`` as one batch with augmentation ``seed``, targets by
+        the NumPy reference encoder: exactly what :meth:`dataset` yields for that batch, with
+        the targets the training step renders from its labels. ImageError when a picture is
+        unusable."""
+        result = []
+        for image, keypoints, boxes, ignore, lb, flipped in self._prepare_batch(indices, seed, replace=False):
+            targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
+            if ignore is not None:
+                targets["root_weight"][ignore[..., None] & (targets["root"] <= 0)] = 0.0
+            result.append(Sample(image, keypoints, boxes, targets, lb, flipped))
+        return result
 
     def sample(self, index: int, seed: int = 0) -> Sample:
-        """Prepare record ``index`` with augmentation ``seed``, targets by the NumPy reference
-        encoder (what the training step renders from :meth:`dataset`'s labels); ImageError when
-        the picture is unusable."""
-        image, keypoints, boxes, ignore, lb, flipped = self._prepare(index, seed)
-        targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
-        if ignore is not None:
-            targets["root_weight"][ignore[..., None] & (targets["root"] <= 0)] = 0.0
-        return Sample(image, keypoints, boxes, targets, lb, flipped)
+        """:meth:`samples` of one record (a batch of one)."""
+        return self.samples([index], seed)[0]
 
-    def _train_element(self, index, seed):
-        """numpy_function body: (image, keypoints [P, J, 3], boxes [P, 4], packed ignore, ok)."""
-        keypoints, boxes, packed = self._empty_labels()
-        try:
-            image, kps, bxs, ignore, _, _ = self._prepare(int(index), int(seed))
-        except ImageError as e:
-            self.skipped.add(e)
-            return np.zeros((*self.input_hw, 3), np.uint8), keypoints, boxes, packed, False
-        # People with no labelled joint (all inside the input after augmentation) encode
-        # nothing: they take no slot. More than P people: the first P (logged at construction).
-        people = np.flatnonzero((kps[..., 2] > VIS_UNLABELLED).any(axis=1))[:len(keypoints)]
-        keypoints[:len(people)] = kps[people]
-        boxes[:len(people)] = bxs[people]
-        if ignore is not None:
-            packed = np.packbits(ignore, axis=1)
-        return image, keypoints, boxes, packed, True
+    def _train_batch(self, indices, seeds):
+        """numpy_function body: images [B, H, W, 3], keypoints [B, P, J, 3], boxes [B, P, 4],
+        packed ignore [B, h, w/8]; the batch's augmentation seed is its first element's."""
+        items = self._prepare_batch(indices, int(seeds[0]), replace=True)
+        count = len(items)
+        images = np.stack([item[0] for item in items])
+        keypoints, boxes, packed = (np.repeat(x[None], count, axis=0) for x in self._empty_labels())
+        for b, (_, kps, bxs, ignore, _, _) in enumerate(items):
+            # People with no labelled joint (all inside the input after augmentation) encode
+            # nothing: they take no slot. More than P: the first P (logged at construction).
+            people = np.flatnonzero((kps[..., 2] > VIS_UNLABELLED).any(axis=1))[:keypoints.shape[1]]
+            keypoints[b, :len(people)] = kps[people]
+            boxes[b, :len(people)] = bxs[people]
+            if ignore is not None:
+                packed[b] = np.packbits(ignore, axis=1)
+        return images, keypoints, boxes, packed
 
     def _empty_labels(self):
         h, w = self.output_hw
@@ -359,7 +394,8 @@ class InputPipeline:
     # ------------------------------------------------------------------ tf.data
 
     def element_indices_and_seeds(self, input_context=None, repeat: bool = False):
-        """The ``(record index, augmentation seed)`` stream that :meth:`dataset` maps over."""
+        """The ``(record index, augmentation seed)`` stream that :meth:`dataset` batches and maps
+        over (a batch is augmented with its first element's seed)."""
         d = self.cfg.data
         seed = d.seed if d.deterministic else None
         indices = tf.data.Dataset.range(len(self.records))
@@ -386,22 +422,20 @@ class InputPipeline:
         """
         train = self.mode == "train"
         batch_size = int(batch_size or self.cfg.data.batch_size)
+        rows = batch_size if train else None
         h, w = self.input_hw
-        shapes = [(h, w, 3), *(x.shape for x in self._empty_labels())]
+        shapes = [(rows, h, w, 3), *((rows, *x.shape) for x in self._empty_labels())]
 
-        def prepare(index, seed):
-            out = tf.numpy_function(self._train_element, [index, seed],
-                                    [tf.uint8, tf.float32, tf.float32, tf.uint8, tf.bool],
-                                    name="prepare_sample")
+        def prepare(indices, seeds):
+            out = tf.numpy_function(self._train_batch, [indices, seeds],
+                                    [tf.uint8, tf.float32, tf.float32, tf.uint8], name="prepare_batch")
             for t, shape in zip(out, shapes):
                 t.set_shape(shape)
-            out[-1].set_shape(())
-            return out[0], dict(zip(LABEL_KEYS, out[1:4])), out[4]
+            return out[0], dict(zip(LABEL_KEYS, out[1:]))
 
         ds = self.element_indices_and_seeds(input_context, repeat)
-        ds = ds.map(prepare, **self._map_kwargs())
-        ds = ds.filter(_is_ok).map(_drop_ok)
         ds = ds.batch(batch_size, drop_remainder=train)
+        ds = ds.map(prepare, **self._map_kwargs())
         return self._finish(ds, input_context)
 
     def eval_dataset(self, batch_size: Optional[int] = None):

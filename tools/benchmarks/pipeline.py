@@ -9,7 +9,9 @@ In one run, on the same files and cores:
 * **host bytes per image**: what one training image puts into the batch that is copied to the
   device (the uint8 picture plus keypoints, boxes and ignore bits; the SPR targets are rendered
   on the device by ``dataset.pipeline.render_targets``);
-* **per-stage costs**: ms per image of each host stage, one image at a time in this thread, and
+* **per-stage costs**: ms per image of each host stage, batch after batch in this thread
+  (``warp_only``: one bilinear ``cv2.warpAffine`` of each picture to the input size, the floor of
+  the augmentation; ``augment_batch`` includes it), and
   of the TF target rendering per image (batch of ``--batch-size``) on this machine's CPU.
 
 Data: an annotation file and image folder (``--json``/``--images``, AI Challenger or COCO with
@@ -48,34 +50,49 @@ def _parse_hw(text: str):
     return h, w
 
 
-def _stage_costs(pipeline: InputPipeline, count: int) -> Dict[str, float]:
-    """Mean ms per image of each host stage, one image after another in this thread."""
-    totals = dict.fromkeys(("read_file", "decode_jpeg", "augment_warp_colour", "to_rgb", "element_total"), 0.0)
-    for i in range(count):
-        index = i % len(pipeline)
-        record = pipeline.records[index]
+def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict[str, float]:
+    """Mean ms per image of each host stage, batch after batch in this thread (as one call of
+    the pipeline's map does it: imgaug runs once per batch)."""
+    keys = ("read_file", "decode_jpeg", "warp_only", "augment_batch", "to_rgb", "batch_total")
+    totals = dict.fromkeys(keys, 0.0)
+    H, W = pipeline.input_hw
+    rotation = cv2.getRotationMatrix2D((W / 2, H / 2), 15.0, 1.0)
+    for k in range(batches):
+        indices = [(k * batch_size + i) % len(pipeline) for i in range(batch_size)]
         t0 = time.perf_counter()
-        with open(record.image_path, "rb") as f:
-            data = f.read()
+        data = []
+        for index in indices:
+            with open(pipeline.records[index].image_path, "rb") as f:
+                data.append(f.read())
         t1 = time.perf_counter()
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        pictures = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR) for d in data]
         t2 = time.perf_counter()
-        lb = letterbox_params(bgr.shape[0], bgr.shape[1], *pipeline.input_hw)
-        kps = record.keypoints.copy()
-        kps[..., :2] = to_network(kps[..., :2], lb)
-        boxes = to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4)
-        if pipeline.augmenter is not None:
-            image = pipeline.augmenter(bgr, kps, boxes, i, letterbox=lb).image
-        else:
-            image = letterbox_image(bgr, lb)
+        for bgr in pictures:                    # the cost of one bilinear warp to the input size
+            lb = letterbox_params(bgr.shape[0], bgr.shape[1], H, W)
+            scale = np.diag([lb.scale_x, lb.scale_y, 1.0])
+            cv2.warpAffine(bgr, (np.vstack([rotation, [0, 0, 1]]) @ scale)[:2], (W, H), flags=cv2.INTER_LINEAR)
         t3 = time.perf_counter()
-        cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        lbs = [letterbox_params(b.shape[0], b.shape[1], H, W) for b in pictures]
+        kps, boxes = [], []
+        for index, lb in zip(indices, lbs):
+            record = pipeline.records[index]
+            k_ = record.keypoints.copy()
+            k_[..., :2] = to_network(k_[..., :2], lb)
+            kps.append(k_)
+            boxes.append(to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4))
+        if pipeline.augmenter is not None:
+            images = [o.image for o in pipeline.augmenter.augment_batch(pictures, kps, boxes, k, None, lbs)]
+        else:
+            images = [letterbox_image(b, lb) for b, lb in zip(pictures, lbs)]
         t4 = time.perf_counter()
-        pipeline._train_element(index, i)
+        for image in images:
+            cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         t5 = time.perf_counter()
-        for key, dt in zip(totals, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        pipeline._train_batch(np.array(indices), np.array([k]))
+        t6 = time.perf_counter()
+        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
             totals[key] += dt
-    return {k: round(1000.0 * v / count, 3) for k, v in totals.items()}
+    return {k: round(1000.0 * v / (batches * batch_size), 3) for k, v in totals.items()}
 
 
 def _rate(iterator, count: int, size_of) -> float:
@@ -102,9 +119,11 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--parallel", type=int, default=-1,
                         help="num_parallel_calls of the map (default -1 = AUTOTUNE)")
+    parser.add_argument("--opencv-threads", type=int, default=1,
+                        help="cv2.setNumThreads of the pipeline (default 1; 0 = OpenCV's default)")
     parser.add_argument("--no-augment", action="store_true", help="switch augmentation off")
-    parser.add_argument("--stage-images", type=int, default=40,
-                        help="images for the per-stage timing (default 40)")
+    parser.add_argument("--stage-images", type=int, default=80,
+                        help="images for the per-stage timing, in batches of --batch-size (default 80)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if bool(args.json) != bool(args.images):
@@ -119,14 +138,15 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     cfg = get_preset(args.preset).replace(
         dataset=dataset, train_json=json_path, train_images=image_dir,
         skeleton="coco" if dataset == "coco" else "ai_challenger", input_height=h, input_width=w,
-        batch_size=args.batch_size, num_parallel_calls=args.parallel, augment=not args.no_augment)
+        batch_size=args.batch_size, num_parallel_calls=args.parallel, augment=not args.no_augment,
+        opencv_threads=args.opencv_threads)
     pipeline = InputPipeline(cfg, "train")
     paths = [r.image_path for r in pipeline.records]
     file_bytes = np.mean([os.path.getsize(p) for p in paths[:200]])
     pixels = np.mean([(r.width or 0) * (r.height or 0) for r in pipeline.records[:200]])
     load_before = os.getloadavg()
 
-    stages = _stage_costs(pipeline, args.stage_images)
+    stages = _stage_costs(pipeline, max(1, args.stage_images // args.batch_size), args.batch_size)
 
     # Decode only: the same files, read and decoded by tf.data's parallel map.
     decode = tf.data.Dataset.from_tensor_slices(paths).repeat().map(
@@ -178,6 +198,7 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
         "batches": args.batches,
         "augment": not args.no_augment,
         "num_parallel_calls": args.parallel,
+        "opencv_threads": args.opencv_threads,
         "stage_ms_per_image": stages,
         "load_average_before": round(load_before[0], 2),
         "load_average_after": round(os.getloadavg()[0], 2),
@@ -188,5 +209,5 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
           f"{len(paths)} files of {int(file_bytes)} bytes ({result['bytes_per_pixel']} bytes/pixel)")
     print(f"host bytes per image {int(host_bytes)} (the SPR targets would be {target_bytes}); "
           f"targets rendered in {render_ms:.2f} ms per image on this CPU")
-    print("ms per image, host stages one image at a time: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
+    print("ms per image, host stages batch after batch in one thread: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     return result
