@@ -1,14 +1,14 @@
 """Training augmentation with imgaug, composed with the letterbox into one warp of the image.
 
 Order of a training sample: decode -> letterbox to the network size (``dataset/letterbox.py``, the
-same geometry as at test time) -> this module's geometry -> colour -> SPR targets (rendered in the
-training step, ``nets.spr.encode_batch``). Every range is relative to the network input:
+same geometry as at test time) -> this module's geometry -> colour and SPR targets, both applied in
+the training step on the device (:func:`apply_colour`, ``nets.spr.encode_batch``). Every range is relative to the network input:
 ``translate_frac`` is a fraction of the input size, ``scale`` zooms the letterboxed picture about
 the input centre.
 
-imgaug samples the augmentation and moves the points (keypoints, box corners, and three
-reference points); the image is then resampled **once**: the affine map from the three
-reference points, composed with the letterbox, is applied to the decoded picture by one
+imgaug samples the augmentation and moves three reference points; the affine map they fix moves
+the keypoints and box corners, and the image is resampled **once**: that map, composed with the
+letterbox, is applied to the decoded picture by one
 ``cv2.warpAffine`` (bilinear, zero fill: the letterbox's padding value). A picture shrunk by
 more than half is first halved with ``cv2.INTER_AREA`` (exact factor 2, a box filter) until the
 remaining warp shrinks by at most 2, so large photographs are not aliased. Letterboxing and then
@@ -21,8 +21,11 @@ checks painted dots against the keypoints through the composed warp.
   wrist becomes the one on the other side of the mirrored picture;
 * ``iaa.Affine``: rotation in ``[-rotation_deg, rotation_deg]``, scale in ``[scale_min,
   scale_max]``, translation in ``[-translate_frac, translate_frac]`` of the input size per axis;
-* colour, on the warped picture: ``iaa.Multiply`` in ``[color_mul_min, color_mul_max]`` and,
-  with ``grayscale_prob``, ``iaa.Grayscale``;
+* colour: a multiplier in ``[color_mul_min, color_mul_max]`` and, with ``grayscale_prob``,
+  grayscale (``iaa.Multiply`` and ``iaa.Grayscale``'s operations), drawn here from imgaug's
+  stochastic parameters and applied to the batch on the device (:func:`apply_colour`): on the host
+  they cost 0.6 ms per 512x512 picture (a lookup table and imgaug's copies), a sixth of the work
+  that is not JPEG decoding;
 * the ignore mask (COCO crowds) is warped with the same matrix, nearest neighbour.
 
 Keypoints use continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``, imgaug's own
@@ -45,8 +48,10 @@ from typing import List, Optional, Sequence
 
 import cv2
 import imgaug.augmenters as iaa
+import imgaug.parameters as iap
+import imgaug.random as iarandom
+import tensorflow as tf
 import numpy as np
-from imgaug.augmentables.batches import UnnormalizedBatch
 from imgaug.augmentables.kps import KeypointsOnImage
 
 from config.skeletons import VIS_UNLABELLED, Skeleton
@@ -67,18 +72,39 @@ class Augmented:
     """One augmented sample, all in network-input coordinates.
 
     Attributes:
-        image: uint8 [H, W, 3].
+        image: uint8 [H, W, 3], before colour augmentation.
         keypoints: float32 [N, J, 3]: x, y, internal visibility; joints outside the image are
             unlabelled (0).
         boxes: float32 [N, 4] x1, y1, x2, y2, clipped to the image.
         mask: bool [H, W] ignore mask (COCO crowd regions) or None.
         flipped: whether the sample was mirrored (joints already relabelled).
+        colour: float32 [2]: multiplier and grayscale flag, for :func:`apply_colour`.
     """
     image: np.ndarray
     keypoints: np.ndarray
     boxes: np.ndarray
     mask: Optional[np.ndarray]
     flipped: bool
+    colour: np.ndarray = dataclasses.field(default_factory=lambda: np.array([1.0, 0.0], np.float32))
+
+
+def apply_colour(images, colour):
+    """Colour augmentation of a batch, in the graph (the training step runs it on the device).
+
+    Args:
+        images: [B, H, W, 3] RGB, 0..255 (uint8 or float).
+        colour: float [B, 2]: the multiplier and the grayscale flag (1: grayscale) of each
+            picture, :attr:`Augmented.colour`.
+    Returns:
+        float32 [B, H, W, 3]: ``clip(image * multiplier, 0, 255)``, then, where the flag is set,
+        its luma (ITU-R 601: 0.299 R + 0.587 G + 0.114 B, OpenCV's and so imgaug's grayscale)
+        in all three channels.
+    """
+    images = tf.cast(images, tf.float32)
+    colour = tf.cast(colour, tf.float32)
+    out = tf.clip_by_value(images * colour[:, 0, None, None, None], 0.0, 255.0)
+    luma = tf.tensordot(out, tf.constant([0.299, 0.587, 0.114]), axes=[[3], [0]])[..., None]
+    return tf.where(colour[:, 1, None, None, None] > 0.5, tf.broadcast_to(luma, tf.shape(out)), out)
 
 
 def _continuous_to_index(matrix: np.ndarray) -> np.ndarray:
@@ -102,13 +128,9 @@ class Augmenter:
     Args:
         aug_cfg: :class:`config.config.AugmentConfig`.
         skeleton: the data set's skeleton (flip relabelling).
-        colorspace: channel order of the images it gets, ``"RGB"`` or ``"BGR"`` (OpenCV's
-            decoder; the grayscale weights depend on it).
     """
 
-    def __init__(self, aug_cfg, skeleton: Skeleton, colorspace: str = "RGB"):
-        if colorspace not in ("RGB", "BGR"):
-            raise ValueError(f"colorspace must be 'RGB' or 'BGR', got {colorspace!r}")
+    def __init__(self, aug_cfg, skeleton: Skeleton):
         a = aug_cfg
         t = a.translate_frac
         geometric = iaa.Affine(scale=(a.scale_min, a.scale_max), rotate=(-a.rotation_deg, a.rotation_deg),
@@ -116,10 +138,9 @@ class Augmenter:
         # The flip decision is taken outside imgaug so the joints can be relabelled after it.
         self._plain = iaa.Sequential([geometric], name="geometry")
         self._flipped = iaa.Sequential([iaa.Fliplr(1.0, name="flip"), geometric], name="geometry_flipped")
-        self._colour = iaa.Sequential([
-            iaa.Multiply((a.color_mul_min, a.color_mul_max), name="multiply"),
-            iaa.Sometimes(a.grayscale_prob, iaa.Grayscale(alpha=1.0, from_colorspace=colorspace),
-                          name="grayscale")], name="colour")
+        # Colour parameters, as iaa.Multiply and iaa.Sometimes(p, iaa.Grayscale) draw them.
+        self._multiplier = iap.Uniform(a.color_mul_min, a.color_mul_max)
+        self._grayscale = iap.Binomial(a.grayscale_prob)
         self.flip_prob = float(a.flip_prob)
         self.flip_index = np.asarray(skeleton.flip_index, np.intp)
         self._local = threading.local()
@@ -130,8 +151,7 @@ class Augmenter:
         if not hasattr(local, "plain"):
             local.plain = copy.deepcopy(self._plain)
             local.flipped = copy.deepcopy(self._flipped)
-            local.colour = copy.deepcopy(self._colour)
-        return local.plain, local.flipped, local.colour
+        return local.plain, local.flipped
 
     def __call__(self, image: np.ndarray, keypoints: np.ndarray, boxes: np.ndarray, seed: int,
                  mask: Optional[np.ndarray] = None, letterbox=None) -> Augmented:
@@ -156,20 +176,25 @@ class Augmenter:
                       letterboxes: Optional[Sequence] = None) -> List[Augmented]:
         """Augment a batch of samples (arguments as for :meth:`__call__`, one per sample).
 
-        One imgaug call moves the points of every unflipped sample, one those of every flipped
-        sample, one recolours every picture: imgaug's per-call cost (about 0.6 ms) is paid per
-        batch, not per picture. A pure function of the inputs and ``seed``.
+        One imgaug call moves the reference points of every unflipped sample, one those of every
+        flipped sample: imgaug's per-call cost (about 0.6 ms) is paid per batch, not per picture. The
+        colour parameters are drawn, not applied (:func:`apply_colour`). A pure function of the
+        inputs and ``seed``.
         """
         count = len(images)
         masks = list(masks) if masks is not None else [None] * count
         letterboxes = list(letterboxes) if letterboxes is not None else [None] * count
         rng = np.random.default_rng(seed & 0xFFFFFFFFFFFFFFFF)
         flips = rng.random(count) < self.flip_prob
-        plain, flipped, colour = self._augmenters()
-        for augmenter in (plain, flipped, colour):
+        plain, flipped = self._augmenters()
+        for augmenter in (plain, flipped):
             augmenter.seed_(int(rng.integers(0, 2 ** 31 - 1)))
+        colour_rng = iarandom.RNG(int(rng.integers(0, 2 ** 31 - 1)))
+        colour = np.stack([self._multiplier.draw_samples((count,), random_state=colour_rng),
+                           self._grayscale.draw_samples((count,), random_state=colour_rng)], axis=1)
+        colour = colour.astype(np.float32)
 
-        sizes, to_nets, points, shapes = [], [], [], []
+        sizes, to_nets, points = [], [], []
         for image, kps, bxs, lb in zip(images, keypoints, boxes, letterboxes):
             if lb is None:
                 H, W = image.shape[:2]
@@ -180,16 +205,12 @@ class Augmenter:
                                      f"{lb.src_w}x{lb.src_h}")
                 H, W = lb.dst_h, lb.dst_w
                 to_net = np.array([[lb.scale_x, 0.0, lb.pad_x], [0.0, lb.scale_y, lb.pad_y]])
-            kps = np.asarray(kps, np.float32)
-            bxs = np.asarray(bxs, np.float32).reshape(-1, 4)
-            corners = bxs[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 2)
-            reference = np.array([[0.0, 0.0], [W, 0.0], [0.0, H]], np.float32)
-            points.append(np.concatenate([kps[..., :2].reshape(-1, 2), corners, reference]))
+            points.append(np.array([[0.0, 0.0], [W, 0.0], [0.0, H]], np.float32))
             sizes.append((H, W))
             to_nets.append(to_net)
-            shapes.append((kps.shape, len(bxs)))
 
-        # imgaug moves the joints, the box corners and three reference points of each sample.
+        # imgaug moves three reference points of each sample: they fix its affine map, which
+        # then moves the joints and box corners (imgaug's Keypoint objects cost 10 us apiece).
         moved: List[np.ndarray] = [None] * count
         for group, geometry in ((np.flatnonzero(~flips), plain), (np.flatnonzero(flips), flipped)):
             if len(group):
@@ -198,13 +219,13 @@ class Augmenter:
                 for i, kois in zip(group, out):
                     moved[i] = kois.to_xy_array().astype(np.float32)
 
-        # Same-size outputs are warped straight into one array that imgaug recolours in place.
+        # Same-size outputs are warped straight into one array.
         same = len(set(sizes)) == 1
         warped = np.empty((count, *sizes[0], 3), np.uint8) if same and count else [None] * count
         results = []
         for i in range(count):
             (H, W), image, mask = sizes[i], images[i], masks[i]
-            augment = cv2.getAffineTransform(points[i][-3:], moved[i][-3:]).astype(np.float64)
+            augment = cv2.getAffineTransform(points[i], moved[i]).astype(np.float64)
             # The picture: letterbox then augmentation, one warp (after halvings of large pictures).
             matrix = _then(to_nets[i], augment)              # continuous picture -> network input
             picture = image
@@ -221,20 +242,18 @@ class Augmenter:
                 new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_nets[i], augment)),
                                           (W, H), flags=cv2.INTER_NEAREST,
                                           borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
-            (n, j, _), num_boxes = shapes[i]
             kps = np.asarray(keypoints[i], np.float32)
-            xy = moved[i][:n * j].reshape(n, j, 2)
+            bxs = np.asarray(boxes[i], np.float32).reshape(-1, 4)
+            xy = kps[..., :2] @ augment[:, :2].T + augment[:, 2]
             new_kps = np.concatenate([xy, kps[..., 2:]], axis=-1).astype(np.float32)
-            box_xy = moved[i][n * j:n * j + 4 * num_boxes].reshape(-1, 4, 2)
+            corners = bxs[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2)
+            box_xy = corners @ augment[:, :2].T + augment[:, 2]
             new_boxes = np.concatenate([box_xy.min(axis=1), box_xy.max(axis=1)], axis=1).astype(np.float32)
             new_boxes[:, 0::2] = np.clip(new_boxes[:, 0::2], 0, W)
             new_boxes[:, 1::2] = np.clip(new_boxes[:, 1::2], 0, H)
             if flips[i]:
                 new_kps = new_kps[:, self.flip_index]
             unlabel_outside(new_kps, H, W)
-            results.append(Augmented(image=None, keypoints=new_kps, boxes=new_boxes, mask=new_mask,
-                                     flipped=bool(flips[i])))
-        recoloured = colour.augment_batch_(UnnormalizedBatch(images=warped)).images_aug
-        for result, image in zip(results, recoloured):
-            result.image = image
+            results.append(Augmented(image=warped[i], keypoints=new_kps, boxes=new_boxes, mask=new_mask,
+                                     flipped=bool(flips[i]), colour=colour[i]))
         return results

@@ -74,7 +74,7 @@ import tensorflow as tf
 from pycocotools import mask as mask_utils
 
 from dataset.ai_challenger import read_ai_challenger
-from dataset.augment import Augmenter, unlabel_outside
+from dataset.augment import Augmenter, apply_colour, unlabel_outside
 from dataset.coco import read_coco
 from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
 from dataset.records import ImageRecord, ReadStats
@@ -86,7 +86,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("train", "val")
 TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
-LABEL_KEYS = ("keypoints", "boxes", "ignore")
+LABEL_KEYS = ("keypoints", "boxes", "ignore", "colour")
+NO_COLOUR_CHANGE = np.array([1.0, 0.0], np.float32)   # multiplier 1, no grayscale
 MAX_REPLACEMENTS = 20      # unusable pictures in a row before the pipeline stops
 
 
@@ -173,9 +174,10 @@ class SkipCounter:
                     ", ".join(f"{k}: {v}" for k, v in sorted(self.by_reason.items())))
 
 
-def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], Optional[int]]] = None
-               ) -> np.ndarray:
-    """uint8 BGR ``[h, w, 3]`` of an image file; ImageError when it cannot be used."""
+def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], Optional[int]]] = None,
+               rgb: bool = False) -> np.ndarray:
+    """uint8 BGR (``rgb``: RGB, decoded so) ``[h, w, 3]`` of an image file; ImageError when it
+    cannot be used."""
     if not path:
         raise ImageError(str(path), "no image path")
     try:
@@ -185,7 +187,8 @@ def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], O
         raise ImageError(path, "missing file") from None
     except OSError as e:
         raise ImageError(path, "unreadable file", e.strerror or str(e)) from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    flag = cv2.IMREAD_COLOR_RGB if rgb else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
     if image is None:
         raise ImageError(path, "corrupt image", "OpenCV cannot decode it")
     if expected_hw is not None and None not in expected_hw and tuple(image.shape[:2]) != tuple(expected_hw):
@@ -197,7 +200,7 @@ def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], O
 
 def read_rgb(path: str) -> np.ndarray:
     """uint8 RGB image of ``path``; ImageError naming the file when it cannot be used."""
-    return cv2.cvtColor(read_image(path), cv2.COLOR_BGR2RGB)
+    return read_image(path, rgb=True)
 
 
 def ignore_mask(regions: Sequence[Any], height: int, width: int) -> np.ndarray:
@@ -228,6 +231,8 @@ class Sample:
         targets: the SPR target dict of ``nets.spr.encode``.
         letterbox: the letterbox of the original image.
         flipped: whether augmentation mirrored the sample.
+        colour: float32 [2] colour augmentation (multiplier, grayscale flag) that the training
+            step applies (``dataset.augment.apply_colour``); ``image`` is the picture before it.
     """
     image: np.ndarray
     keypoints: np.ndarray
@@ -235,6 +240,7 @@ class Sample:
     targets: Dict[str, np.ndarray]
     letterbox: Letterbox
     flipped: bool
+    colour: np.ndarray = dataclasses.field(default_factory=lambda: NO_COLOUR_CHANGE.copy())
 
 
 class InputPipeline:
@@ -266,7 +272,7 @@ class InputPipeline:
             cv2.setNumThreads(cfg.data.opencv_threads)
         self.augmenter = None
         if mode == "train" and cfg.augment.augment:
-            self.augmenter = Augmenter(cfg.augment, self.skeleton, colorspace="BGR")
+            self.augmenter = Augmenter(cfg.augment, self.skeleton)
         slots = cfg.data.max_people_per_image
         crowded = [r.image_id for r in self.records if len(r.keypoints) > slots]
         if crowded and mode == "train":
@@ -282,25 +288,25 @@ class InputPipeline:
     def _load(self, index: int) -> Tuple[np.ndarray, Letterbox, ImageRecord]:
         """Letterboxed uint8 RGB image of record ``index`` (ImageError when unusable)."""
         record = self.records[index]
-        bgr = read_image(record.image_path, (record.height, record.width))
-        lb = letterbox_params(bgr.shape[0], bgr.shape[1], *self.input_hw)
-        image = cv2.cvtColor(letterbox_image(bgr, lb), cv2.COLOR_BGR2RGB)
+        rgb = read_image(record.image_path, (record.height, record.width), rgb=True)
+        lb = letterbox_params(rgb.shape[0], rgb.shape[1], *self.input_hw)
+        image = letterbox_image(rgb, lb)
         return image, lb, record
 
     def _read(self, index: int):
-        """``(bgr, letterbox, keypoints, boxes, ignore mask or None)`` of record ``index``, the
+        """``(rgb, letterbox, keypoints, boxes, ignore mask or None)`` of record ``index``, the
         points in network-input coordinates, the mask at the picture's size; ImageError when the
         picture is unusable."""
         record = self.records[index]
-        bgr = read_image(record.image_path, (record.height, record.width))
-        lb = letterbox_params(bgr.shape[0], bgr.shape[1], *self.input_hw)
+        rgb = read_image(record.image_path, (record.height, record.width), rgb=True)
+        lb = letterbox_params(rgb.shape[0], rgb.shape[1], *self.input_hw)
         keypoints = record.keypoints.copy()
         keypoints[..., :2] = to_network(keypoints[..., :2], lb)
         boxes = to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4).astype(np.float32)
         full_mask = None
         if self.cfg.data.ignore_crowd and record.ignore_regions:
             full_mask = ignore_mask(record.ignore_regions, lb.src_h, lb.src_w)
-        return bgr, lb, keypoints, boxes, full_mask
+        return rgb, lb, keypoints, boxes, full_mask
 
     def _read_or_replace(self, index: int):
         """:meth:`_read` of record ``index`` or, when its picture is unusable (counted in
@@ -315,7 +321,8 @@ class InputPipeline:
                          f"picture ({self.skipped.summary()}): is the image folder right?")
 
     def _prepare_batch(self, indices: Sequence[int], seed: int, replace: bool):
-        """``(rgb, keypoints, boxes, ignore cells or None, letterbox, flipped)`` per record: one
+        """``(rgb, keypoints, boxes, ignore cells or None, letterbox, flipped, colour)`` per
+        record (the picture before colour augmentation, ``colour`` its parameters): one
         augmentation call for the batch (``Augmenter.augment_batch``, a pure function of the
         records and ``seed``)."""
         reads = [self._read_or_replace(int(i)) if replace else self._read(int(i)) for i in indices]
@@ -323,22 +330,22 @@ class InputPipeline:
             outs = self.augmenter.augment_batch([r[0] for r in reads], [r[2] for r in reads],
                                                 [r[3] for r in reads], int(seed),
                                                 [r[4] for r in reads], [r[1] for r in reads])
-            items = [(o.image, o.keypoints, o.boxes, o.mask, r[1], o.flipped) for o, r in zip(outs, reads)]
+            items = [(o.image, o.keypoints, o.boxes, o.mask, r[1], o.flipped, o.colour) for o, r in zip(outs, reads)]
         else:
             items = []
-            for bgr, lb, keypoints, boxes, full_mask in reads:
+            for rgb, lb, keypoints, boxes, full_mask in reads:
                 mask = None
                 if full_mask is not None:
                     mask = letterbox_image(full_mask.astype(np.uint8) * 255, lb) >= 128
-                items.append((letterbox_image(bgr, lb), unlabel_outside(keypoints, *self.input_hw),
-                              boxes, mask, lb, False))
+                items.append((letterbox_image(rgb, lb), unlabel_outside(keypoints, *self.input_hw),
+                              boxes, mask, lb, False, NO_COLOUR_CHANGE))
         h, w = self.output_hw
         out = []
-        for image, keypoints, boxes, mask, lb, flipped in items:
+        for image, keypoints, boxes, mask, lb, flipped, colour in items:
             ignore = None
             if mask is not None:
                 ignore = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
-            out.append((cv2.cvtColor(image, cv2.COLOR_BGR2RGB), keypoints, boxes, ignore, lb, flipped))
+            out.append((image, keypoints, boxes, ignore, lb, flipped, colour))
         return out
 
     def samples(self, indices: Sequence[int], seed: int = 0) -> List[Sample]:
@@ -347,11 +354,11 @@ class InputPipeline:
         the targets the training step renders from its labels. ImageError when a picture is
         unusable."""
         result = []
-        for image, keypoints, boxes, ignore, lb, flipped in self._prepare_batch(indices, seed, replace=False):
+        for image, keypoints, boxes, ignore, lb, flipped, colour in self._prepare_batch(indices, seed, replace=False):
             targets = encode(keypoints, boxes, self.skeleton, self.cfg.spr, self.input_hw)
             if ignore is not None:
                 targets["root_weight"][ignore[..., None] & (targets["root"] <= 0)] = 0.0
-            result.append(Sample(image, keypoints, boxes, targets, lb, flipped))
+            result.append(Sample(image, keypoints, boxes, targets, lb, flipped, colour))
         return result
 
     def sample(self, index: int, seed: int = 0) -> Sample:
@@ -360,12 +367,14 @@ class InputPipeline:
 
     def _train_batch(self, indices, seeds):
         """numpy_function body: images [B, H, W, 3], keypoints [B, P, J, 3], boxes [B, P, 4],
-        packed ignore [B, h, w/8]; the batch's augmentation seed is its first element's."""
+        packed ignore [B, h, w/8], colour [B, 2]; the batch's augmentation seed is its first
+        element's."""
         items = self._prepare_batch(indices, int(seeds[0]), replace=True)
         count = len(items)
         images = np.stack([item[0] for item in items])
         keypoints, boxes, packed = (np.repeat(x[None], count, axis=0) for x in self._empty_labels())
-        for b, (_, kps, bxs, ignore, _, _) in enumerate(items):
+        colour = np.stack([item[6] for item in items]).astype(np.float32)
+        for b, (_, kps, bxs, ignore, _, _, _) in enumerate(items):
             # People with no labelled joint (all inside the input after augmentation) encode
             # nothing: they take no slot. More than P: the first P (logged at construction).
             people = np.flatnonzero((kps[..., 2] > VIS_UNLABELLED).any(axis=1))[:keypoints.shape[1]]
@@ -373,7 +382,7 @@ class InputPipeline:
             boxes[b, :len(people)] = bxs[people]
             if ignore is not None:
                 packed[b] = np.packbits(ignore, axis=1)
-        return images, keypoints, boxes, packed
+        return images, keypoints, boxes, packed, colour
 
     def _empty_labels(self):
         h, w = self.output_hw
@@ -424,11 +433,12 @@ class InputPipeline:
         batch_size = int(batch_size or self.cfg.data.batch_size)
         rows = batch_size if train else None
         h, w = self.input_hw
-        shapes = [(rows, h, w, 3), *((rows, *x.shape) for x in self._empty_labels())]
+        shapes = [(rows, h, w, 3), *((rows, *x.shape) for x in self._empty_labels()), (rows, 2)]
 
         def prepare(indices, seeds):
             out = tf.numpy_function(self._train_batch, [indices, seeds],
-                                    [tf.uint8, tf.float32, tf.float32, tf.uint8], name="prepare_batch")
+                                    [tf.uint8, tf.float32, tf.float32, tf.uint8, tf.float32],
+                                    name="prepare_batch")
             for t, shape in zip(out, shapes):
                 t.set_shape(shape)
             return out[0], dict(zip(LABEL_KEYS, out[1:]))
@@ -494,6 +504,13 @@ def _images_to_float(images, labels):
 
 
 # ----------------------------------------------------------------------------- targets
+
+def on_device(images, labels: Dict[str, Any], cfg) -> Tuple[Any, Dict[str, Any]]:
+    """What the training step does with a batch of :meth:`InputPipeline.dataset`: the float32
+    pictures after colour augmentation (``dataset.augment.apply_colour``) and the SPR targets
+    (:func:`render_targets`)."""
+    return apply_colour(images, labels["colour"]), render_targets(labels, cfg)
+
 
 def render_targets(labels: Dict[str, Any], cfg) -> Dict[str, Any]:
     """SPR targets of a batch of :meth:`InputPipeline.dataset` labels, in the graph.

@@ -116,7 +116,7 @@ def test_letterbox_and_augmentation_in_one_warp_keep_dots_on_keypoints():
     (halvings included for the large one): painted dots land on the augmented keypoints."""
     from dataset.letterbox import letterbox_params, to_network
 
-    aug = Augmenter(CFG.augment, SKELETON, colorspace="BGR")
+    aug = Augmenter(CFG.augment, SKELETON)
     rng = np.random.default_rng(5)
     checked = 0
     for seed, (h, w) in enumerate([(700, 1000), (900, 600), (100, 150)] * 10):
@@ -162,3 +162,39 @@ def test_identity_warp_equals_the_test_time_letterbox():
         # the padding stays black (but for the one row or column the bilinear edge blends into)
         assert out.image[:max(0, lb.pad_y - 1)].max(initial=0) == 0
         assert out.image[:, :max(0, lb.pad_x - 1)].max(initial=0) == 0
+
+
+def test_device_colour_equals_imgaug_multiply_and_grayscale():
+    """apply_colour (run in the training step) against imgaug's own operators on uint8: equal
+    up to imgaug's rounding to whole grey levels."""
+    import imgaug.augmenters as iaa
+
+    from dataset.augment import apply_colour
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (3, 16, 24, 3), dtype=np.uint8)
+    colour = np.array([[0.8, 0.0], [1.2, 0.0], [1.1, 1.0]], np.float32)
+    out = apply_colour(images, colour).numpy()
+    for image, (mul, gray), got in zip(images, colour, out):
+        ref = iaa.Multiply(float(mul))(image=image)
+        if gray:
+            ref = iaa.Grayscale(alpha=1.0)(image=ref)
+        assert np.abs(got - ref.astype(np.float32)).max() <= 1.0
+        assert got.max() <= 255.0
+
+
+def test_colour_parameters_are_drawn_in_range_and_batches_mix_flips():
+    aug = Augmenter(dataclasses.replace(CFG.augment, grayscale_prob=0.5, flip_prob=0.5), SKELETON)
+    rng = np.random.default_rng(2)
+    count = 16
+    images = [np.zeros((64, 64, 3), np.uint8) for _ in range(count)]
+    kps = [np.concatenate([rng.uniform(20, 44, (1, J, 2)), np.full((1, J, 1), VIS_VISIBLE)], -1) for _ in range(count)]
+    boxes = [np.array([[16, 16, 48, 48]], np.float32)] * count
+    outs = aug.augment_batch(images, kps, boxes, seed=11)
+    colour = np.array([o.colour for o in outs])
+    lo, hi = CFG.augment.color_mul_min, CFG.augment.color_mul_max
+    assert np.all((colour[:, 0] >= lo) & (colour[:, 0] <= hi)) and set(colour[:, 1]) == {0.0, 1.0}
+    assert {o.flipped for o in outs} == {True, False}
+    again = aug.augment_batch(images, kps, boxes, seed=11)
+    for a, b in zip(outs, again):
+        assert np.array_equal(a.keypoints, b.keypoints) and np.array_equal(a.colour, b.colour)

@@ -11,7 +11,8 @@ import tensorflow as tf
 from config import get_preset
 from dataset import synthetic
 from dataset.ai_challenger import read_ai_challenger
-from dataset.pipeline import InputPipeline, render_targets, load_records
+from dataset.augment import apply_colour
+from dataset.pipeline import InputPipeline, load_records, on_device, render_targets
 from config.skeletons import VIS_UNLABELLED
 from dataset.letterbox import letterbox_image, letterbox_params, to_network
 from nets.spr import decode
@@ -53,28 +54,34 @@ def test_pipeline_output_decodes_to_the_augmented_keypoints(records):
     assert pipe.augmenter is not None
     pairs = list(pipe.element_indices_and_seeds().take(8).as_numpy_iterator())
     batches = list(pipe.dataset().take(4))
-    flips = []
-    for k, (index, seed) in enumerate(pairs):
-        images, labels = batches[k // 2]
-        b = k % 2
-        # the host ships uint8 pictures and a few KB of points; the step renders the targets
+    flips, colours = [], []
+    for k, (images, labels) in enumerate(batches):
+        # the host ships uint8 pictures and a few KB of points; the step colours and renders
         assert images.dtype == tf.uint8 and images.shape == (2, SIZE, SIZE, 3)
-        assert set(labels) == {"keypoints", "boxes", "ignore"}
-        sample = pipe.sample(int(index), int(seed))          # the same work in plain Python
-        np.testing.assert_array_equal(images[b].numpy(), sample.image)
-        targets = render_targets(labels, cfg)               # TF encoder == NumPy reference
-        got = {key: v[b].numpy() for key, v in targets.items()}
-        assert set(got) == set(sample.targets)
-        for key in got:
-            np.testing.assert_allclose(got[key], sample.targets[key], rtol=0, atol=1e-6)
-        error, found, people = _decoded_error(got, sample.keypoints, cfg)
-        assert found == people and error < 0.01
-        flips.append(sample.flipped)
-        # the augmentation really moved the people away from the plain letterbox
-        lb = sample.letterbox
-        plain = to_network(records[int(index)].keypoints[..., :2], lb)
-        assert not np.allclose(plain, sample.keypoints[..., :2], atol=1.0)
+        assert set(labels) == {"keypoints", "boxes", "ignore", "colour"}
+        indices = [int(i) for i, _ in pairs[2 * k:2 * k + 2]]
+        samples = pipe.samples(indices, int(pairs[2 * k][1]))   # the same batch in plain Python
+        coloured, targets = on_device(images, labels, cfg)   # TF encoder == NumPy reference
+        for b, sample in enumerate(samples):
+            np.testing.assert_array_equal(images[b].numpy(), sample.image)
+            np.testing.assert_array_equal(labels["colour"][b].numpy(), sample.colour)
+            np.testing.assert_allclose(coloured[b].numpy(), apply_colour(sample.image[None], sample.colour[None])[0],
+                                       atol=1e-4)
+            got = {key: v[b].numpy() for key, v in targets.items()}
+            assert set(got) == set(sample.targets)
+            for key in got:
+                np.testing.assert_allclose(got[key], sample.targets[key], rtol=0, atol=1e-6)
+            error, found, people = _decoded_error(got, sample.keypoints, cfg)
+            assert found == people and error < 0.01
+            flips.append(sample.flipped)
+            colours.append(sample.colour)
+            # the augmentation really moved the people away from the plain letterbox
+            lb = sample.letterbox
+            plain = to_network(records[indices[b]].keypoints[..., :2], lb)
+            assert not np.allclose(plain, sample.keypoints[..., :2], atol=1.0)
     assert set(flips) == {True, False}                     # mirrored and plain samples both decode
+    multipliers = np.array(colours)[:, 0]
+    assert multipliers.min() >= 0.8 and multipliers.max() <= 1.2 and multipliers.std() > 0.01
 
 
 def test_validation_does_not_augment(records):
@@ -100,11 +107,19 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(records, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     recs = records[:3] + [dataclasses.replace(records[3], image_path=str(bad)),
                           dataclasses.replace(records[4], image_path=str(tmp_path / "missing.jpg"))]
-    pipe = InputPipeline(_cfg(batch_size=1), "train", recs)
-    assert sum(1 for _ in pipe.dataset()) == 3                 # the epoch finishes with the 3 good ones
-    assert pipe.skipped.by_reason == {"corrupt image": 1, "missing file": 1}
-    assert sum(1 for _ in pipe.dataset()) == 3
-    assert pipe.skipped.count == 4 and len(pipe.skipped.files) == 2
+    pipe = InputPipeline(_cfg(batch_size=1, augment=False), "train", recs)
+    good = []
+    for r in records[:3]:
+        bgr = cv2.imread(r.image_path)
+        good.append(letterbox_image(bgr, letterbox_params(*bgr.shape[:2], SIZE, SIZE))[..., ::-1])
+    for epoch in (1, 2):
+        # an unusable picture is replaced by the next usable record: every batch is full and
+        # holds a good picture; record 3 tries 3 (corrupt), 4 (missing), 0; record 4 tries 4, 0
+        batches = [images[0].numpy() for images, _ in pipe.dataset()]
+        assert len(batches) == 5
+        assert all(any(np.array_equal(b, g) for g in good) for b in batches)
+        assert pipe.skipped.by_reason == {"corrupt image": epoch, "missing file": 2 * epoch}
+    assert len(pipe.skipped.files) == 2
     indices = np.concatenate([info["index"].numpy() for _, info in pipe.eval_dataset(2)])
     assert indices.tolist() == [0, 1, 2]
 
@@ -192,8 +207,9 @@ def test_ignore_regions_zero_the_root_weight_but_not_at_people(records):
     _, labels = next(iter(pipe.dataset()))
     rendered = render_targets(labels, pipe.cfg)["root_weight"].numpy()
     zeroed = 0
-    for b, (index, seed) in enumerate(pairs):
-        ref = pipe.sample(int(index), int(seed)).targets["root_weight"]
+    samples = pipe.samples([int(i) for i, _ in pairs], int(pairs[0][1]))
+    for b, sample in enumerate(samples):
+        ref = sample.targets["root_weight"]
         np.testing.assert_array_equal(rendered[b], ref)
         zeroed += int((ref == 0).sum())
     assert zeroed > 100

@@ -39,7 +39,8 @@ def fixed_batch(cfg, size: int, seed: int = 0):
     J, P = cfg.skeleton.num_joints, cfg.data.max_people_per_image
     images = np.zeros((size, h, w, 3), np.uint8)
     labels = {"keypoints": np.zeros((size, P, J, 3), np.float32), "boxes": np.zeros((size, P, 4), np.float32),
-              "ignore": np.zeros((size, oh, (ow + 7) // 8), np.uint8)}
+              "ignore": np.zeros((size, oh, (ow + 7) // 8), np.uint8),
+              "colour": np.tile(np.array([[1.0, 0.0]], np.float32), (size, 1))}
     for i in range(size):
         image = rng.integers(0, 60, size=(h, w, 3)).astype(np.uint8)
         centre = rng.uniform([w * 0.3, h * 0.3], [w * 0.7, h * 0.7])

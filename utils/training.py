@@ -61,7 +61,7 @@ import keras
 import tensorflow as tf
 
 from config import Config, load_config
-from dataset.pipeline import InputPipeline, render_targets
+from dataset.pipeline import InputPipeline, on_device
 from nets.losses import spm_loss
 from nets.spm_model import build_spm_model, load_backbone_weights
 from utils.evaluation import Evaluator, save_prediction_picture
@@ -326,10 +326,10 @@ class Trainer:
         variables = model.trainable_variables
 
         def replica_step(images, labels, step):
-            # The host sends uint8 pictures and padded points; the targets are drawn here.
-            targets = render_targets(labels, cfg)
+            # The host sends uint8 pictures and padded points; colour and targets are made here.
+            images, targets = on_device(images, labels, cfg)
             with tf.GradientTape() as tape:
-                outputs = model(tf.cast(images, tf.float32), training=True)
+                outputs = model(images, training=True)
                 losses = spm_loss(targets, outputs, cfg.loss, global_batch)
                 scaled = opt.scale_loss(losses["total"]) if loss_scaling else losses["total"]
             grads = tape.gradient(scaled, variables)

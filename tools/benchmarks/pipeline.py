@@ -53,7 +53,7 @@ def _parse_hw(text: str):
 def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict[str, float]:
     """Mean ms per image of each host stage, batch after batch in this thread (as one call of
     the pipeline's map does it: imgaug runs once per batch)."""
-    keys = ("read_file", "decode_jpeg", "warp_only", "augment_batch", "to_rgb", "batch_total")
+    keys = ("read_file", "decode_jpeg", "warp_only", "augment_batch", "batch_total")
     totals = dict.fromkeys(keys, 0.0)
     H, W = pipeline.input_hw
     rotation = cv2.getRotationMatrix2D((W / 2, H / 2), 15.0, 1.0)
@@ -65,7 +65,7 @@ def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict
             with open(pipeline.records[index].image_path, "rb") as f:
                 data.append(f.read())
         t1 = time.perf_counter()
-        pictures = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR) for d in data]
+        pictures = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR_RGB) for d in data]
         t2 = time.perf_counter()
         for bgr in pictures:                    # the cost of one bilinear warp to the input size
             lb = letterbox_params(bgr.shape[0], bgr.shape[1], H, W)
@@ -81,16 +81,13 @@ def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict
             kps.append(k_)
             boxes.append(to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4))
         if pipeline.augmenter is not None:
-            images = [o.image for o in pipeline.augmenter.augment_batch(pictures, kps, boxes, k, None, lbs)]
+            pipeline.augmenter.augment_batch(pictures, kps, boxes, k, None, lbs)
         else:
-            images = [letterbox_image(b, lb) for b, lb in zip(pictures, lbs)]
+            [letterbox_image(b, lb) for b, lb in zip(pictures, lbs)]
         t4 = time.perf_counter()
-        for image in images:
-            cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        t5 = time.perf_counter()
         pipeline._train_batch(np.array(indices), np.array([k]))
-        t6 = time.perf_counter()
-        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        t5 = time.perf_counter()
+        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             totals[key] += dt
     return {k: round(1000.0 * v / (batches * batch_size), 3) for k, v in totals.items()}
 
@@ -115,7 +112,9 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     parser.add_argument("--photo-side", type=int, default=640, help="their width and height (default 640)")
     parser.add_argument("--input", type=_parse_hw, default=(512, 512), metavar="WxH",
                         help="network input size (default 512x512)")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches (default 40)")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per round (default 40)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="decode-only and pipeline measured in turn this many times; medians (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--parallel", type=int, default=-1,
                         help="num_parallel_calls of the map (default -1 = AUTOTUNE)")
@@ -143,30 +142,34 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     pipeline = InputPipeline(cfg, "train")
     paths = [r.image_path for r in pipeline.records]
     file_bytes = np.mean([os.path.getsize(p) for p in paths[:200]])
-    pixels = np.mean([(r.width or 0) * (r.height or 0) for r in pipeline.records[:200]])
+    pixels = np.mean([int(np.prod(tf.io.extract_jpeg_shape(tf.io.read_file(p))[:2])) for p in paths[:200]])
     load_before = os.getloadavg()
 
     stages = _stage_costs(pipeline, max(1, args.stage_images // args.batch_size), args.batch_size)
 
-    # Decode only: the same files, read and decoded by tf.data's parallel map.
+    # Decode only: the same files, read and decoded by tf.data's parallel map; measured in turn
+    # with the pipeline, --rounds times, each on a fresh iterator after a warm-up (medians).
     decode = tf.data.Dataset.from_tensor_slices(paths).repeat().map(
         lambda p: tf.io.decode_jpeg(tf.io.read_file(p), channels=3, dct_method="INTEGER_ACCURATE"),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).prefetch(tf.data.AUTOTUNE)
-    decode_iter = iter(decode)
-    _rate(decode_iter, 3 * args.batch_size, lambda x: 1)
-    decode_rate = _rate(decode_iter, args.batches * args.batch_size, lambda x: 1)
-    del decode_iter
-
     dataset_ = pipeline.dataset(repeat=True)
-    iterator = iter(dataset_)
-    images, labels = next(iterator)
+    decode_rates, pipeline_rates = [], []
+    for _ in range(args.rounds):
+        decode_iter = iter(decode)
+        _rate(decode_iter, 3 * args.batch_size, lambda x: 1)
+        decode_rates.append(_rate(decode_iter, args.batches * args.batch_size, lambda x: 1))
+        del decode_iter
+        iterator = iter(dataset_)
+        images, labels = next(iterator)
+        for _ in range(3):                      # warm-up: thread pools, autotuning
+            next(iterator)
+        pipeline_rates.append(_rate(iterator, args.batches, lambda batch: int(batch[0].shape[0])))
+        # The iterator's threads call into Python: end them before the interpreter shuts down.
+        del iterator
+        gc.collect()
+    decode_rate, pipeline_rate = float(np.median(decode_rates)), float(np.median(pipeline_rates))
     host_bytes = sum(int(t.numpy().nbytes) for t in (images, *labels.values())) / int(images.shape[0])
-    for _ in range(3):                          # warm-up: thread pools, autotuning
-        next(iterator)
-    pipeline_rate = _rate(iterator, args.batches, lambda batch: int(batch[0].shape[0]))
-    # The iterator's threads call into Python: end them before the interpreter shuts down.
-    del iterator, dataset_
-    gc.collect()
+    del dataset_
 
     # The device side, here on this CPU: targets of one batch rendered by the TF encoder.
     render = tf.function(lambda lab: render_targets(lab, cfg), jit_compile=True)
@@ -183,6 +186,8 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
         "benchmark": "pipeline",
         "images_per_s": round(pipeline_rate, 1),
         "decode_only_images_per_s": round(decode_rate, 1),
+        "rounds_images_per_s": [round(v, 1) for v in pipeline_rates],
+        "rounds_decode_only_images_per_s": [round(v, 1) for v in decode_rates],
         "ratio": round(pipeline_rate / decode_rate, 3),
         "host_bytes_per_image": int(host_bytes),
         "target_bytes_per_image_if_sent": target_bytes,
@@ -204,7 +209,7 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
         "load_average_after": round(os.getloadavg()[0], 2),
         "skipped_images": pipeline.skipped.count,
     }
-    print(f"pipeline: {result['images_per_s']} images/s, decode only {result['decode_only_images_per_s']} "
+    print(f"pipeline: median of {args.rounds} rounds {result['images_per_s']} images/s, decode only {result['decode_only_images_per_s']} "
           f"images/s (ratio {result['ratio']}) at {w}x{h}, batch {args.batch_size}, {cores} cores; "
           f"{len(paths)} files of {int(file_bytes)} bytes ({result['bytes_per_pixel']} bytes/pixel)")
     print(f"host bytes per image {int(host_bytes)} (the SPR targets would be {target_bytes}); "
