@@ -1,5 +1,7 @@
 """Device selection for distribute_main.py --gpus (no GPU needed: it only sets CUDA's env)."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +54,38 @@ def test_distribute_main_sets_devices_before_tensorflow_starts():
                          env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2,3"
+
+
+def test_process_per_gpu_gives_each_process_one_gpu_and_a_cluster_place():
+    from utils.distribute import process_per_gpu_environments
+
+    envs = process_per_gpu_environments("2,3", environ={"PATH": "/bin"}, ports=[4000, 4001])
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3"]
+    configs = [json.loads(e["TF_CONFIG"]) for e in envs]
+    assert all(c["cluster"] == {"worker": ["localhost:4000", "localhost:4001"]} for c in configs)
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+    assert all(e["PATH"] == "/bin" for e in envs)
+    # relative to an existing visible list, as --gpus is
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in
+            process_per_gpu_environments("0,2", environ={"CUDA_VISIBLE_DEVICES": "5,6,7"}, ports=[1, 2])] == ["5", "7"]
+    # --cpu: no process sees a GPU
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in process_per_gpu_environments("0,1", cpu=True, environ={})] == ["", ""]
+
+
+def test_process_per_gpu_across_machines_numbers_workers_globally():
+    from utils.distribute import process_per_gpu_environments
+
+    machine1 = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:5000", "b:6000"]},
+                                         "task": {"type": "worker", "index": 1}})}
+    configs = [json.loads(e["TF_CONFIG"]) for e in process_per_gpu_environments("0,1,2", environ=machine1)]
+    assert configs[0]["cluster"]["worker"] == ["a:5000", "a:5001", "a:5002", "b:6000", "b:6001", "b:6002"]
+    assert [c["task"]["index"] for c in configs] == [3, 4, 5]          # machine 1, processes 0..2
+    bad = {"TF_CONFIG": json.dumps({"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}})}
+    with pytest.raises(ValueError, match="host:port"):
+        process_per_gpu_environments("0", environ=bad)
+
+
+def test_process_per_gpu_needs_gpus():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--process-per-gpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--process-per-gpu needs --gpus" in proc.stderr

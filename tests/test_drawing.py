@@ -29,6 +29,17 @@ def test_limb_is_drawn_between_its_joints_in_the_child_colour():
     assert ys.min() >= 25 and ys.max() <= 34 and xs.min() >= 6 and xs.max() <= 74
 
 
+def test_a_wild_joint_far_outside_is_drawn_toward_not_crashed_on():
+    """An untrained model can regress a joint 1e30 pixels away; drawing the prediction pictures
+    must not stop the run (it did: OpenCV's points are 32-bit ints)."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    pose = np.full((SK.num_joints, 2), np.nan)
+    pose[NECK] = (10.0, 30.0)
+    pose[HEAD] = (1e30, 30.0)
+    drawing.draw_pose(image, pose, SK, thickness=3, radius=2)
+    assert image[29:31, 20:80].any(axis=2).any(axis=0).all()   # the limb runs to the right border
+
+
 def test_visible_mask_hides_joints_and_their_limbs():
     image = np.zeros((60, 80, 3), np.uint8)
     pose = np.zeros((SK.num_joints, 2)) + 5.0

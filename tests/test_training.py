@@ -365,3 +365,47 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
               if np.linalg.norm(p) > 0]
     assert len(errors) > len(moves[False]) // 2
     assert np.median(errors) < 1e-2 and max(errors) < 0.1, (np.median(errors), max(errors))
+
+
+def _trainable_after(run_dir):
+    from utils.predict import load_trained_model
+
+    model, _ = load_trained_model(os.path.join(run_dir, "final.weights.h5"))
+    return [v.numpy() for v in model.trainable_variables]
+
+
+def test_process_per_gpu_trains_to_the_weights_of_mirrored_over_two_logical_cpus(tmp_path):
+    """``distribute_main.py --process-per-gpu`` (two worker processes launched by the script,
+    each with its own input pipeline; CPU here) and ``--cpu-replicas 2`` (MirroredStrategy in one
+    process) train 3 SGD steps from the same weights on the same global batches (2 training
+    pictures, one per replica, no augmentation) to the same weights, within the tolerance of
+    the replica test (per-variable relative error of the move)."""
+    from training_helpers import random_head_run
+
+    init = tmp_path / "init"
+    random_head_run(str(init))
+    common = ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "2",
+              "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64",
+              "--batch-size", "1", "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16",
+              "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "3", "--no-augment",
+              "--optimizer", "sgd", "--lr", "1e-2", "--lr-decay-epochs", "", "--deterministic",
+              "--steps-per-call", "1", "--finetune", str(init / "final.weights.h5"), "--log-every-steps", "1"]
+    script = os.path.join(ROOT, "distribute_main.py")
+    runs = {"workers": (["--cpu", "--gpus", "0,1", "--process-per-gpu"], "Strategy with 2 replicas"),
+            "mirrored": (["--cpu-replicas", "2"], "MirroredStrategy with 2 replicas")}
+    for name, (flags, strategy) in runs.items():
+        proc = subprocess.run([sys.executable, script, "--run-dir", str(tmp_path / name), *common, *flags],
+                              env=_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])     # the chief's summary
+        assert summary["steps"] == 3, summary
+        assert proc.stderr.count(strategy) == (2 if name == "workers" else 1), proc.stderr[-3000:]
+    before = _trainable_after(str(init))
+    workers, mirrored = _trainable_after(str(tmp_path / "workers")), _trainable_after(str(tmp_path / "mirrored"))
+    errors = []
+    for b, w, m in zip(before, workers, mirrored):
+        assert np.linalg.norm(m - b) > 0
+        errors.append(np.linalg.norm((w - b) - (m - b)) / np.linalg.norm(m - b))
+    print(f"process-per-gpu vs mirrored, relative error of the move: median {np.median(errors):.2e}, "
+          f"worst {max(errors):.2e}")
+    assert np.median(errors) < 1e-4 and max(errors) < 2e-3, (np.median(errors), max(errors))

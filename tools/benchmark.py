@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale,sizes} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale,sizes,curve} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": ("tools.benchmarks.train", "ms per training step with 1 and N steps per tf.function call"),
     "scale": ("tools.benchmarks.scale", "reading, first batch and memory at the real data sets' size"),
     "sizes": ("tools.benchmarks.sizes", "a trained model at twice its input size; decoder thresholds"),
+    "curve": ("tools.benchmarks.curve", "training loss every N steps from fixed weights, deterministic data"),
 }
 
 

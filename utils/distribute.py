@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from typing import Dict, List, MutableMapping, Optional
 
 
@@ -66,6 +67,68 @@ def tf_config_task(environ: Optional[MutableMapping[str, str]] = None) -> Option
         raise ValueError("TF_CONFIG must be JSON like {\"cluster\": {\"worker\": [\"host:port\", ...]}, "
                          "\"task\": {\"type\": \"worker\", \"index\": 0}}") from None
     return conf
+
+
+def free_local_ports(count: int) -> List[int]:
+    """``count`` distinct TCP ports free on localhost now (bound to port 0, then released)."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("localhost", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def process_per_gpu_environments(gpu_spec: str, cpu: bool = False,
+                                 environ: Optional[MutableMapping[str, str]] = None,
+                                 ports: Optional[List[int]] = None) -> List[Dict[str, str]]:
+    """The environment of each training process of ``--process-per-gpu``: one per GPU of
+    ``gpu_spec`` (``"0,1,2,3"``), each seeing only its GPU (``CUDA_VISIBLE_DEVICES``, as
+    :func:`select_gpus` numbers them) and holding a ``TF_CONFIG`` that makes all of them one
+    MultiWorkerMirroredStrategy cluster, each with its own interpreter and input pipeline.
+
+    Without ``TF_CONFIG`` the cluster is this machine: workers on ``localhost`` at free ports
+    (``ports`` to choose them). With ``TF_CONFIG`` listing one ``host:port`` per machine (the same
+    GPU list on every machine), machine ``m`` runs workers at ``host:port``, ``host:port + 1``, ...,
+    and its local process ``k`` is global worker ``m * G + k``; worker 0 of machine 0 is the
+    chief. ``cpu``: the processes see no GPU (tests; the ids then only count the processes).
+    """
+    environ = os.environ if environ is None else environ
+    ids = parse_gpu_ids(gpu_spec)
+    count = len(ids)
+    conf = tf_config_task(environ)
+    if conf is None:
+        ports = ports or free_local_ports(count)
+        workers = [f"localhost:{p}" for p in ports]
+        first = 0
+    else:
+        if conf["task"]["type"] != "worker":
+            raise ValueError(f"TF_CONFIG task type {conf['task']['type']!r}: --process-per-gpu expects "
+                             f"'worker' tasks, one per machine")
+        machines = conf["cluster"].get("worker", [])
+        workers = []
+        for address in machines:
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"TF_CONFIG worker address {address!r} is not host:port")
+            workers += [f"{host}:{int(port) + k}" for k in range(count)]
+        first = int(conf["task"]["index"]) * count
+    envs = []
+    for k, gpu in enumerate(ids):
+        env = dict(environ)
+        if cpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        else:
+            select_gpus(str(gpu), env)
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
+                                       "task": {"type": "worker", "index": first + k}})
+        envs.append(env)
+    return envs
 
 
 def make_strategy(cpu_replicas: int = 0, environ: Optional[MutableMapping[str, str]] = None):

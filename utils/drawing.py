@@ -27,9 +27,14 @@ ROOT_COLOR = (255, 255, 255)
 ARROW_COLOR = (255, 255, 0)
 
 
+_FAR = 1e5   # pixels: a point farther out is drawn there (OpenCV's coordinates are 32-bit ints)
+
+
 def _cv_point(xy) -> Tuple[int, int]:
-    """Continuous (x, y) -> OpenCV fixed-point pixel-centre coordinates."""
-    return (int(round((float(xy[0]) - 0.5) * _ONE)), int(round((float(xy[1]) - 0.5) * _ONE)))
+    """Continuous (x, y) -> OpenCV fixed-point pixel-centre coordinates, clamped to +-1e5 pixels
+    (a wild prediction far outside the picture must not stop the drawing)."""
+    x, y = (min(max(float(v), -_FAR), _FAR) for v in xy[:2])
+    return (int(round((x - 0.5) * _ONE)), int(round((y - 0.5) * _ONE)))
 
 
 def _finite(xy) -> bool:
