@@ -18,6 +18,14 @@ if ROOT not in sys.path:
 from config import get_preset  # noqa: E402
 
 
+def subprocess_env(**extra):
+    """The environment of a training subprocess: this one without TF_CONFIG and GPU selection,
+    the repository on PYTHONPATH, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "CUDA_VISIBLE_DEVICES")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
+    return env
+
+
 def tiny_config(run_dir: str = "", **overrides):
     """hrnet_tiny at 64x64, batch 2 per replica; everything else from the tiny preset."""
     base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8,

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,model,pipeline,infer,train,scale,sizes,curve} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -16,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SUBCOMMANDS = {
     "oracle": ("tools.benchmarks.spr", "encode-decode round trip of ground truth, scored officially"),
     "decode": ("tools.benchmarks.spr", "decoder ms per image on realistic noisy maps"),
+    "encoder": ("tools.benchmarks.spr", "the TF encoder against the NumPy reference on every image"),
     "model": ("tools.benchmarks.model", "parameters, conv MACs, forward and train-step time"),
     "pipeline": ("tools.benchmarks.pipeline", "images/s through the training input pipeline"),
     "infer": ("tools.benchmarks.infer", "end-to-end images/s of model_val"),

@@ -1,4 +1,9 @@
-"""SPR benchmarks (``tools/benchmark.py oracle`` and ``tools/benchmark.py decode``).
+"""SPR benchmarks (``tools/benchmark.py oracle``, ``decode`` and ``encoder``).
+
+``encoder``: the batched TF encoder the training step runs (``nets.spr.encode_batch``) against
+the NumPy reference (``nets.spr.encode``) on every image of the annotation file, at each
+``--sizes`` input, for both anchors and both root types: largest difference per map, whether the
+displacement weights are identical, and the time per image of each.
 
 ``oracle``: the encode -> decode round trip of ground truth, scored officially. Every image's
 people are letterboxed into the network input, encoded into SPR targets, the targets are decoded
@@ -46,6 +51,7 @@ DEFAULT_REF = os.path.join(REPO_ROOT, "tests", "data",
 
 _DESCRIPTIONS = {
     "oracle": "Encode -> decode round trip of ground truth, scored with the official AI Challenger scorer.",
+    "encoder": "The TF encoder (encode_batch) against the NumPy reference (encode) on every image.",
     "decode": "Decoder ms per image (batch 1) on noisy maps made from real people's targets.",
 }
 
@@ -61,6 +67,11 @@ def _parser(name: str) -> argparse.ArgumentParser:
                    help="compile the decoder with XLA (default: yes)")
     if name == "oracle":
         p.add_argument("--out", required=True, help="where to write the AI Challenger predictions (json)")
+        p.add_argument("--encoder", choices=("numpy", "tf"), default="numpy",
+                       help="encode with the NumPy reference (default) or the batched TF encoder "
+                            "the training step runs (XLA, batches of 50)")
+    elif name == "encoder":
+        p.add_argument("--sizes", default="512,256", help="square input sizes to check (default 512,256)")
     else:
         p.add_argument("--num", type=int, default=200, help="images to time (default 200)")
         p.add_argument("--noise", type=float, default=0.05, help="std of the smooth noise on the root map "
@@ -133,11 +144,17 @@ def run_oracle(argv: Sequence[str]) -> Dict:
         tg = spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw)
         _timed_decode(decoder, tg["root"], tg["disp"])
     encode_s = decode_s = 0.0
+    tf_targets = None
+    if args.encoder == "tf":
+        encode_s, tf_targets = _tf_encode_all(cfg, people, input_hw)
     predictions = []
     found = 0
-    for rec, (lb, kps, boxes) in zip(records, people):
+    for i, (rec, (lb, kps, boxes)) in enumerate(zip(records, people)):
         t = time.perf_counter()
-        tg = spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw)
+        if tf_targets is None:
+            tg = spr.encode(kps, boxes, cfg.skeleton, cfg.spr, input_hw)
+        else:
+            tg = {k: v[i] for k, v in tf_targets.items()}
         encode_s += time.perf_counter() - t
         poses, _, num, seconds = _timed_decode(decoder, tg["root"], tg["disp"])
         decode_s += seconds
@@ -162,13 +179,69 @@ def run_oracle(argv: Sequence[str]) -> Dict:
         "input": f"{input_hw[0]}x{input_hw[1]}", "jit_compile": args.jit,
         "root_type": cfg.spr.root_type, "anchor": cfg.spr.anchor, "gather": cfg.spr.gather,
         "sigma": cfg.spr.sigma, "tau": cfg.spr.tau, "z_norm": cfg.spr.z_norm,
-        "sizes": "images" if args.images else "estimated",
+        "sizes": "images" if args.images else "estimated", "encoder": args.encoder,
     }
-    print(f"oracle round trip ({summary['root_type']}, {summary['anchor']}, {summary['gather']}, "
+    print(f"oracle round trip ({summary['encoder']} encoder, {summary['root_type']}, {summary['anchor']}, {summary['gather']}, "
           f"{summary['input']}): AI Challenger score {result.score:.6f} on {len(records)} images, "
           f"{summary['people']} people ({found} decoded); encode {summary['encode_ms_per_image']} ms, "
           f"decode {summary['decode_ms_per_image']} ms per image; predictions in {args.out}")
     return summary
+
+
+def _padded(people, count: int):
+    """float32 keypoints [I, N, J, 3] and boxes [I, N, 4] of ``people`` padded to ``count``."""
+    n = max(1, max(len(kps) for _, kps, _ in people))
+    J = people[0][1].shape[1]
+    K = np.zeros((count, n, J, 3), np.float32)
+    B = np.zeros((count, n, 4), np.float32)
+    for i, (_, kps, boxes) in enumerate(people[:count]):
+        K[i, :len(kps)], B[i, :len(boxes)] = kps, boxes
+    return K, B
+
+
+def _tf_encode_all(cfg: Config, people, input_hw, batch: int = 50):
+    """Seconds and the targets of every image from the TF encoder (XLA, batches of ``batch``)."""
+    encode = tf.function(lambda k, b: spr.encode_batch(k, b, cfg.skeleton, cfg.spr, input_hw), jit_compile=True)
+    K, B = _padded(people, len(people))
+    encode(K[:batch], B[:batch])                              # trace and compile
+    out, seconds = {}, 0.0
+    for s in range(0, len(K), batch):
+        t = time.perf_counter()
+        part = {k: v.numpy() for k, v in encode(K[s:s + batch], B[s:s + batch]).items()}
+        seconds += time.perf_counter() - t
+        for k, v in part.items():
+            out.setdefault(k, []).append(v)
+    return seconds, {k: np.concatenate(v) for k, v in out.items()}
+
+
+def run_encoder(argv: Sequence[str]) -> Dict:
+    args = _parser("encoder").parse_args(list(argv))
+    cfg = _config(args)
+    records, _ = read_ai_challenger(args.ref, args.images, cfg.skeleton)
+    rows = []
+    for side in (int(v) for v in args.sizes.split(",")):
+        people = [(lb, kps.astype(np.float32), boxes.astype(np.float32))
+                  for lb, kps, boxes in _people(records, args.images, (side, side))]
+        for anchor in ("parent", "root"):
+            for root_type in ("centroid", "bbox_center"):
+                c = cfg.replace(input_height=side, input_width=side, anchor=anchor, root_type=root_type)
+                tf_s, got = _tf_encode_all(c, people, (side, side))
+                t = time.perf_counter()
+                ref = [spr.encode(k, b, c.skeleton, c.spr, (side, side)) for _, k, b in people]
+                np_s = time.perf_counter() - t
+                worst = {k: float(max(np.abs(got[k][i] - r[k]).max() for i, r in enumerate(ref))) for k in ref[0]}
+                same_weights = all(np.array_equal(got["disp_weight"][i], r["disp_weight"]) for i, r in enumerate(ref))
+                rows.append({"input": side, "anchor": anchor, "root_type": root_type, "images": len(ref),
+                             "max_abs_difference": worst, "disp_weight_identical": same_weights,
+                             "numpy_ms_per_image": round(1000 * np_s / len(ref), 3),
+                             "tf_xla_cpu_ms_per_image": round(1000 * tf_s / len(ref), 3)})
+                print(f"{side}x{side} {anchor:6s} {root_type:11s}: {len(ref)} images, weights identical "
+                      f"{same_weights}, max |TF - NumPy| " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) +
+                      f"; NumPy {rows[-1]['numpy_ms_per_image']} ms, TF (XLA, CPU) "
+                      f"{rows[-1]['tf_xla_cpu_ms_per_image']} ms per image")
+    return {"benchmark": "encoder", "rows": rows,
+            "all_identical_weights": all(r["disp_weight_identical"] for r in rows),
+            "max_abs_difference": max(max(r["max_abs_difference"].values()) for r in rows)}
 
 
 def noisy_maps(target: Dict[str, np.ndarray], rng: np.random.Generator, noise: float,
@@ -235,7 +308,7 @@ def run_benchmark(name: str, argv: Sequence[str]) -> Dict:
     Bad input (a missing or malformed file, an impossible option) ends the program with one
     clear line and a non-zero status instead of a traceback.
     """
-    runs = {"oracle": run_oracle, "decode": run_decode}
+    runs = {"oracle": run_oracle, "decode": run_decode, "encoder": run_encoder}
     if name not in runs:
         raise ValueError(f"tools.benchmarks.spr has no benchmark {name!r} ({', '.join(runs)})")
     try:
