@@ -173,13 +173,15 @@ class Augmenter:
     def augment_batch(self, images: Sequence[np.ndarray], keypoints: Sequence[np.ndarray],
                       boxes: Sequence[np.ndarray], seed: int,
                       masks: Optional[Sequence[Optional[np.ndarray]]] = None,
-                      letterboxes: Optional[Sequence] = None) -> List[Augmented]:
+                      letterboxes: Optional[Sequence] = None,
+                      out: Optional[np.ndarray] = None) -> List[Augmented]:
         """Augment a batch of samples (arguments as for :meth:`__call__`, one per sample).
 
         One imgaug call moves the reference points of every unflipped sample, one those of every
         flipped sample: imgaug's per-call cost (about 0.6 ms) is paid per batch, not per picture. The
         colour parameters are drawn, not applied (:func:`apply_colour`). A pure function of the
-        inputs and ``seed``.
+        inputs and ``seed``. ``out``: a uint8 [B, H, W, 3] array the pictures are warped into
+        (the samples' ``image`` are then its rows).
         """
         count = len(images)
         masks = list(masks) if masks is not None else [None] * count
@@ -214,14 +216,18 @@ class Augmenter:
         moved: List[np.ndarray] = [None] * count
         for group, geometry in ((np.flatnonzero(~flips), plain), (np.flatnonzero(flips), flipped)):
             if len(group):
-                out = geometry(keypoints=[KeypointsOnImage.from_xy_array(points[i], shape=(*sizes[i], 3))
-                                          for i in group])
-                for i, kois in zip(group, out):
+                group_moved = geometry(keypoints=[KeypointsOnImage.from_xy_array(points[i], shape=(*sizes[i], 3))
+                                                  for i in group])
+                for i, kois in zip(group, group_moved):
                     moved[i] = kois.to_xy_array().astype(np.float32)
 
         # Same-size outputs are warped straight into one array.
         same = len(set(sizes)) == 1
-        warped = np.empty((count, *sizes[0], 3), np.uint8) if same and count else [None] * count
+        if out is not None and (not same or out.shape != (count, *sizes[0], 3) or out.dtype != np.uint8):
+            raise ValueError(f"out has shape {out.shape} {out.dtype}; the batch needs uint8 "
+                             f"{(count, *sizes[0], 3) if same else 'pictures of one size'}")
+        warped = out if out is not None else (
+            np.empty((count, *sizes[0], 3), np.uint8) if same and count else [None] * count)
         results = []
         for i in range(count):
             (H, W), image, mask = sizes[i], images[i], masks[i]
@@ -233,10 +239,11 @@ class Augmenter:
                 h2, w2 = picture.shape[0] // 2, picture.shape[1] // 2
                 picture = cv2.resize(picture[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
                 matrix = matrix @ np.diag([2.0, 2.0, 1.0])   # halved coordinates -> picture
-            out = cv2.warpAffine(picture, _continuous_to_index(matrix), (W, H), dst=warped[i] if same else None,
-                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            picture = cv2.warpAffine(picture, _continuous_to_index(matrix), (W, H),
+                                     dst=warped[i] if same else None, flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
             if not same:
-                warped[i] = out
+                warped[i] = picture
             new_mask = None
             if mask is not None:
                 new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_nets[i], augment)),

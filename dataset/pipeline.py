@@ -320,16 +320,17 @@ class InputPipeline:
         raise ValueError(f"{tries} records in a row from {self.records[index].image_path!r} have no usable "
                          f"picture ({self.skipped.summary()}): is the image folder right?")
 
-    def _prepare_batch(self, indices: Sequence[int], seed: int, replace: bool):
+    def _prepare_batch(self, indices: Sequence[int], seed: int, replace: bool,
+                       out: Optional[np.ndarray] = None):
         """``(rgb, keypoints, boxes, ignore cells or None, letterbox, flipped, colour)`` per
         record (the picture before colour augmentation, ``colour`` its parameters): one
         augmentation call for the batch (``Augmenter.augment_batch``, a pure function of the
-        records and ``seed``)."""
+        records and ``seed``). ``out``: uint8 [B, H, W, 3] the pictures are written into."""
         reads = [self._read_or_replace(int(i)) if replace else self._read(int(i)) for i in indices]
         if self.augmenter is not None:          # letterbox and augmentation: one warp per picture
             outs = self.augmenter.augment_batch([r[0] for r in reads], [r[2] for r in reads],
                                                 [r[3] for r in reads], int(seed),
-                                                [r[4] for r in reads], [r[1] for r in reads])
+                                                [r[4] for r in reads], [r[1] for r in reads], out=out)
             items = [(o.image, o.keypoints, o.boxes, o.mask, r[1], o.flipped, o.colour) for o, r in zip(outs, reads)]
         else:
             items = []
@@ -337,7 +338,10 @@ class InputPipeline:
                 mask = None
                 if full_mask is not None:
                     mask = letterbox_image(full_mask.astype(np.uint8) * 255, lb) >= 128
-                items.append((letterbox_image(rgb, lb), unlabel_outside(keypoints, *self.input_hw),
+                image = letterbox_image(rgb, lb)
+                if out is not None:
+                    out[len(items)] = image
+                items.append((image, unlabel_outside(keypoints, *self.input_hw),
                               boxes, mask, lb, False, NO_COLOUR_CHANGE))
         h, w = self.output_hw
         out = []
@@ -369,9 +373,9 @@ class InputPipeline:
         """numpy_function body: images [B, H, W, 3], keypoints [B, P, J, 3], boxes [B, P, 4],
         packed ignore [B, h, w/8], colour [B, 2]; the batch's augmentation seed is its first
         element's."""
-        items = self._prepare_batch(indices, int(seeds[0]), replace=True)
-        count = len(items)
-        images = np.stack([item[0] for item in items])
+        count = len(indices)
+        images = np.empty((count, *self.input_hw, 3), np.uint8)
+        items = self._prepare_batch(indices, int(seeds[0]), replace=True, out=images)
         keypoints, boxes, packed = (np.repeat(x[None], count, axis=0) for x in self._empty_labels())
         colour = np.stack([item[6] for item in items]).astype(np.float32)
         for b, (_, kps, bxs, ignore, _, _, _) in enumerate(items):
