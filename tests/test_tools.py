@@ -140,3 +140,23 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["scales"] == [1.0, 2.0] and result["long_side"] == 320 and result["predicted_images"] == 4
+
+
+def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):
+    """``benchmark.py pipeline --json --images --dataset coco``: the realistic benchmark on any
+    annotation file; the numbers it prints describe the batches the pipeline really made."""
+    from dataset.synthetic import generate_synthetic_dataset
+
+    paths = generate_synthetic_dataset(str(tmp_path / "synth"), num_train=12, num_val=1, seed=5)
+    r = _run("benchmark.py", "pipeline", "--json", paths.train_coco_json, "--images", paths.train_images,
+             "--dataset", "coco", "--preset", "tiny_synthetic", "--input", "64x64", "--batch-size", "4",
+             "--batches", "3", "--rounds", "1", "--stage-images", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["images_per_s"] > 0 and out["decode_only_images_per_s"] > 0
+    assert out["ratio"] == pytest.approx(out["images_per_s"] / out["decode_only_images_per_s"], abs=1e-3)
+    J, P = 17, 32                                      # COCO joints, default person slots
+    labels = P * J * 3 * 4 + P * 4 * 4 + 16 * 2 + 2 * 4  # keypoints, boxes, ignore bits (16 x 16 cells), colour
+    assert out["host_bytes_per_image"] == 64 * 64 * 3 + labels
+    assert out["target_bytes_per_image_if_sent"] == 16 * 16 * (1 + 1 + 2 * J + 2 * J) * 4
+    assert set(out["stage_ms_per_image"]) >= {"decode_jpeg", "augment_batch", "batch_total"}
