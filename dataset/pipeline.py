@@ -1,4 +1,9 @@
-"""The tf.data input pipeline: records -> decoded, letterboxed, augmented images and SPR targets.
+"""The tf.data input pipeline: records -> decoded, letterboxed, augmented pictures and their points.
+
+The host does what only the host can (read, decode, one warp per picture); the SPR targets and
+the colour augmentation are made in the training step, on the device (:func:`on_device`), so a
+512x512 picture costs the host 786 KB of uint8 plus about 8 KB of points instead of 3.8 MB of
+float32 target maps.
 
 Public API
 ----------
@@ -6,10 +11,14 @@ Public API
 the skip counter and builds the datasets:
 
 * ``pipeline.dataset(batch_size=None, input_context=None, repeat=False)`` -> batches of
-  ``(images, targets)``: ``images`` float32 RGB 0..255 ``[B, H, W, 3]``; ``targets`` the SPR
-  dict of ``nets/spr.py`` batched: ``root``, ``root_weight`` ``[B, h, w, 1]``, ``disp``,
-  ``disp_weight`` ``[B, h, w, 2J]``. Training shuffles the records anew every epoch, augments
-  and drops the last partial batch; validation does neither.
+  ``(images, labels)``: ``images`` uint8 RGB ``[B, H, W, 3]`` before colour augmentation;
+  ``labels`` = ``keypoints`` float32 ``[B, P, J, 3]`` (network-input x, y, visibility; P =
+  ``max_people_per_image``, padding people unlabelled), ``boxes`` ``[B, P, 4]``, ``ignore``
+  uint8 ``[B, h, w / 8]`` (output cells left out of the root loss, ``np.packbits`` order) and
+  ``colour`` float32 ``[B, 2]`` (multiplier, grayscale flag). :func:`on_device` turns a batch
+  into float32 pictures and the SPR target dict (``render_targets``: ``root``, ``root_weight``
+  ``[B, h, w, 1]``, ``disp``, ``disp_weight`` ``[B, h, w, 2J]``). Training shuffles the records
+  anew every epoch, augments and drops the last partial batch; validation does neither.
 * ``pipeline.eval_dataset(batch_size=None)`` -> batches of ``(images, info)`` for evaluation:
   ``info["index"]`` int64 ``[B]`` (index into ``pipeline.records``), ``info["letterbox"]``
   float32 ``[B, 4]`` = ``sx, sy, pad_x, pad_y`` (the form of ``Letterbox.as_array`` and
@@ -17,14 +26,16 @@ the skip counter and builds the datasets:
   network-input point maps back to the original image as ``x = (x' - pad_x) / sx``,
   ``y = (y' - pad_y) / sy``; or rebuild the ``Letterbox`` with
   ``letterbox_params(h, w, H, W)`` and use ``dataset.letterbox.to_original``.
-* ``pipeline.sample(index, seed)`` -> :class:`Sample`: the same work for one record in plain
-  Python (what the dataset maps over; used by tests and for looking at the data).
+* ``pipeline.samples(indices, seed)`` -> list of :class:`Sample`: the same work for one batch
+  in plain Python, with the NumPy reference encoder's targets (``sample(index, seed)``: a batch
+  of one); used by tests and for looking at the data.
 * ``load_records(cfg, split)`` and ``split_paths(cfg, split)`` give the records and the
   ``(annotation file, image folder)`` of a split (the scorer's reference file).
 * ``pipeline.skipped``: :class:`SkipCounter` of images that could not be used (missing file,
   unreadable, corrupt JPEG, size differing from the annotation). A bad image is skipped with a
-  warning (once per file) and counted; it never ends an epoch. Read ``skipped.count`` /
-  ``skipped.summary()`` from the training loop.
+  warning (once per file), counted and replaced by the next usable record, so batches stay full;
+  it never ends an epoch (``MAX_REPLACEMENTS`` unusable pictures in a row stop the run). Read
+  ``skipped.count`` / ``skipped.summary()`` from the training loop.
 
 Batch size and distribution strategies
 --------------------------------------
@@ -42,13 +53,15 @@ Batch size and distribution strategies
 
 Parallelism and determinism
 ---------------------------
-Everything per image (file read, ``cv2.imdecode``, letterbox, imgaug, SPR encoding) runs in one
-``tf.numpy_function`` mapped with ``num_parallel_calls``; OpenCV and NumPy release the GIL in
-their heavy parts, so the calls run side by side (``tools/benchmark.py pipeline`` measures
-it). Images leave the function as uint8 and are cast to float32 per batch in the graph. Every
-training element carries its own augmentation seed from ``tf.data.Dataset.random``, which
-draws new seeds every epoch: with ``cfg.data.deterministic`` the record order (shuffle seed),
-the seeds and the output order are all fixed by ``cfg.data.seed``, whatever the thread timing.
+A batch (file reads, ``cv2.imdecode`` to RGB, one imgaug call for the batch, one
+``cv2.warpAffine`` per picture, padding of the points) is one ``tf.numpy_function`` mapped with
+``num_parallel_calls``; OpenCV releases the GIL in decoding and warping, so the calls run side by
+side, and OpenCV's own thread pool is set to ``cfg.data.opencv_threads`` (1) so that it does not
+oversubscribe the cores (``tools/benchmark.py pipeline`` measures it against decoding alone).
+Every training element carries an augmentation seed from ``tf.data.Dataset.random``, which
+draws new seeds every epoch, and a batch is augmented with its first element's: with
+``cfg.data.deterministic`` the record order (shuffle seed), the seeds and the output order are
+all fixed by ``cfg.data.seed``, whatever the thread timing.
 Let iterators go (``del it``) before the interpreter exits: a tf.data iterator whose threads
 are inside a Python function when Python shuts down can hang the exit.
 
@@ -56,9 +69,9 @@ Datasets (``cfg.data.dataset``): ``synthetic`` (generated on first use,
 ``dataset/synthetic.py``), ``ai_challenger`` and ``coco`` (``train_json``/``train_images``,
 ``val_json``/``val_images``). COCO crowds and people without a labelled keypoint are
 ``ignore_regions`` of the record (no root peak); with ``cfg.data.ignore_crowd`` their pixels
-are rasterised (``pycocotools.mask``), letterboxed and augmented with the image, and
-``root_weight`` is zeroed on those output cells, except where a labelled person's root
-Gaussian is (their supervision is never dropped).
+are rasterised (``pycocotools.mask``), warped with the picture and reduced to output cells (a
+cell is ignored when more than half of it is); ``root_weight`` is zeroed there, except where a
+labelled person's root Gaussian is (their supervision is never dropped).
 """
 
 from __future__ import annotations

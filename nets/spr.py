@@ -2,9 +2,11 @@
 
 SPM (Nie et al., ICCV 2019) represents each person by one **root** (a peak in a confidence map)
 and every joint by a **displacement** from an **anchor**: the root (``anchor="root"``) or, in the
-hierarchical form, the joint's parent (``anchor="parent"``). The encoder (NumPy, in the input
-pipeline) and the decoder (TensorFlow, in the graph) are inverses and live side by side here
-because they share every convention below; the round trip on real annotations is exact up to
+hierarchical form, the joint's parent (``anchor="parent"``). The encoders (:func:`encode`,
+NumPy, one image: the reference implementation the hand-worked tests check; :func:`encode_batch`,
+TensorFlow, batched: what the training step runs on the device, pinned to the reference by
+``tests/test_spr_tf.py``) and the decoder (TensorFlow, in the graph) are inverses and live side
+by side here because they share every convention below; the round trip on real annotations is exact up to
 the documented losses (people sharing a root cell, overlaps), see the README section
 "Structured Pose Representation".
 
