@@ -46,18 +46,10 @@ def _strip(argv, flag: str, with_value: bool):
     return out
 
 
-def launch_process_per_gpu(args, argv) -> int:
-    """Start one worker per GPU (see the module docstring); wait; the first failure stops all."""
-    try:
-        envs = process_per_gpu_environments(args.gpus, cpu=args.cpu)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    child_argv = _strip(_strip(_strip(argv, "--process-per-gpu", False), "--gpus", True), "--cpu", False)
-    command = [sys.executable, os.path.abspath(__file__), *child_argv]
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for env in envs]
-    print(f"started {len(procs)} worker processes ({'CPU' if args.cpu else 'GPUs ' + args.gpus}), "
-          f"pids {[p.pid for p in procs]}", file=sys.stderr)
+def supervise(procs):
+    """Wait for ``procs`` (stdout piped); the first to fail stops the others (SIGTERM), and
+    SIGINT / SIGTERM sent to this process reach all of them. Returns the first failure's exit
+    code (0 when all succeed) and each process's stdout."""
 
     def stop(signum, frame):
         for p in procs:
@@ -71,7 +63,7 @@ def launch_process_per_gpu(args, argv) -> int:
         while pending:
             for k in sorted(pending):
                 try:
-                    outputs[k] = procs[k].communicate(timeout=1.0)[0] or ""
+                    outputs[k] = procs[k].communicate(timeout=0.5)[0] or ""
                 except subprocess.TimeoutExpired:
                     continue
                 pending.discard(k)
@@ -83,6 +75,22 @@ def launch_process_per_gpu(args, argv) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return code, outputs
+
+
+def launch_process_per_gpu(args, argv) -> int:
+    """Start one worker per GPU (see the module docstring); wait; the first failure stops all."""
+    try:
+        envs = process_per_gpu_environments(args.gpus, cpu=args.cpu)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    child_argv = _strip(_strip(_strip(argv, "--process-per-gpu", False), "--gpus", True), "--cpu", False)
+    command = [sys.executable, os.path.abspath(__file__), *child_argv]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for env in envs]
+    print(f"started {len(procs)} worker processes ({'CPU' if args.cpu else 'GPUs ' + args.gpus}), "
+          f"pids {[p.pid for p in procs]}", file=sys.stderr)
+    code, outputs = supervise(procs)
     if json.loads(envs[0]["TF_CONFIG"])["task"]["index"] == 0 and outputs[0]:
         print(outputs[0], end="")                  # the chief's summary line
     return code

@@ -89,3 +89,23 @@ def test_process_per_gpu_needs_gpus():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--process-per-gpu"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--process-per-gpu needs --gpus" in proc.stderr
+
+
+def test_one_failing_worker_process_stops_the_others():
+    """--process-per-gpu's supervisor: a worker that fails (exit 3) stops the one still running
+    (it would otherwise wait forever in a collective) and its code is the launcher's."""
+    import time
+
+    from distribute_main import supervise
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+                               stdout=subprocess.PIPE, text=True)
+    failing = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"],
+                               stdout=subprocess.PIPE, text=True)
+    start = time.time()
+    code, outputs = supervise([sleeper, failing])
+    assert code == 3 and time.time() - start < 30
+    assert sleeper.returncode is not None and sleeper.returncode != 0      # stopped, not finished
+    assert outputs[0].startswith("started")
+    ok = [subprocess.Popen([sys.executable, "-c", f"print({k})"], stdout=subprocess.PIPE, text=True) for k in range(2)]
+    assert supervise(ok) == (0, ["0\n", "1\n"])
