@@ -1,20 +1,20 @@
 """Training augmentation with imgaug, composed with the letterbox into one warp of the image.
 
 Order of a training sample: decode -> letterbox to the network size (``dataset/letterbox.py``, the
-same geometry as at test time) -> this module's geometry -> colour and SPR targets, both applied in
-the training step on the device (:func:`apply_colour`, ``nets.spr.encode_batch``). Every range is relative to the network input:
-``translate_frac`` is a fraction of the input size, ``scale`` zooms the letterboxed picture about
-the input centre.
+same geometry as at test time) -> this module's geometry -> colour and SPR targets, both made
+in the training step on the device (:func:`apply_colour`, ``nets.spr.encode_batch``). Every
+range is relative to the network input: ``translate_frac`` is a fraction of the input size,
+``scale`` zooms the letterboxed picture about the input centre.
 
 imgaug samples the augmentation and moves three reference points; the affine map they fix moves
 the keypoints and box corners, and the image is resampled **once**: that map, composed with the
 letterbox, is applied to the decoded picture by one
 ``cv2.warpAffine`` (bilinear, zero fill: the letterbox's padding value). A picture shrunk by
 more than half is first halved with ``cv2.INTER_AREA`` (exact factor 2, a box filter) until the
-remaining warp shrinks by at most 2, so large photographs are not aliased. Letterboxing and then
-augmenting with imgaug's own image warp (two resamplings, and 1.2 ms of ``INTER_AREA`` at a
-non-integer ratio for a 640x640 photograph) gave the same geometry; ``tests/test_augment.py``
-checks painted dots against the keypoints through the composed warp.
+remaining warp shrinks by at most 2, so large photographs are not aliased. (The earlier order,
+letterbox and then imgaug's own image warp, resampled twice and spent 1.2 ms in ``INTER_AREA``
+on a 640x640 photograph for the same geometry.) ``tests/test_augment.py`` checks painted dots
+against the keypoints through the composed warp.
 
 * horizontal flip (``flip_prob``): ``iaa.Fliplr``, then the joints are relabelled with
   ``skeleton.flip_index`` (``flipped[j] = original[flip_index[j]]``), since the person's right
@@ -50,8 +50,8 @@ import cv2
 import imgaug.augmenters as iaa
 import imgaug.parameters as iap
 import imgaug.random as iarandom
-import tensorflow as tf
 import numpy as np
+import tensorflow as tf
 from imgaug.augmentables.kps import KeypointsOnImage
 
 from config.skeletons import VIS_UNLABELLED, Skeleton
