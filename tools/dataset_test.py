@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from config.config import add_config_args, config_from_args  # noqa: E402
+from dataset.augment import apply_colour  # noqa: E402
 from dataset.pipeline import ImageError, InputPipeline, load_records  # noqa: E402
 from nets import spr  # noqa: E402
 from utils import drawing  # noqa: E402
@@ -51,7 +52,9 @@ def render_sample(sample, cfg, decoder, scale: int = 1) -> np.ndarray:
     poses = poses * scale
     parents = spr.anchor_parents(sk, cfg.spr.anchor)
     h, w = sample.image.shape[:2]
-    image = cv2.resize(sample.image, (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
+    # the picture as the network sees it: with the colour augmentation the training step applies
+    coloured = apply_colour(sample.image[None], sample.colour[None])[0].numpy()
+    image = cv2.resize(np.rint(coloured).astype(np.uint8), (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
 
     chains = drawing.heat_overlay(image, t["root"][..., 0], alpha=0.8)
     for root, pose in zip(roots, poses):
