@@ -355,15 +355,15 @@ class InputPipeline:
                 if out is not None:
                     out[len(items)] = image
                 items.append((image, unlabel_outside(keypoints, *self.input_hw),
-                              boxes, mask, lb, False, NO_COLOUR_CHANGE))
+                              boxes, mask, lb, False, NO_COLOUR_CHANGE.copy()))
         h, w = self.output_hw
-        out = []
+        prepared = []
         for image, keypoints, boxes, mask, lb, flipped, colour in items:
             ignore = None
             if mask is not None:
                 ignore = cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
-            out.append((image, keypoints, boxes, ignore, lb, flipped, colour))
-        return out
+            prepared.append((image, keypoints, boxes, ignore, lb, flipped, colour))
+        return prepared
 
     def samples(self, indices: Sequence[int], seed: int = 0) -> List[Sample]:
         """Prepare the records ``indices`` as one batch with augmentation ``seed``, targets by
