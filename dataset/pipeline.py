@@ -102,6 +102,7 @@ TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
 LABEL_KEYS = ("keypoints", "boxes", "ignore", "colour")
 NO_COLOUR_CHANGE = np.array([1.0, 0.0], np.float32)   # multiplier 1, no grayscale
 MAX_REPLACEMENTS = 20      # unusable pictures in a row before the pipeline stops
+NO_USABLE_PICTURE = "have no usable picture"
 
 
 # ----------------------------------------------------------------------------- records
@@ -330,8 +331,8 @@ class InputPipeline:
                 return self._read((index + k) % len(self.records))
             except ImageError as e:
                 self.skipped.add(e)
-        raise ValueError(f"{tries} records in a row from {self.records[index].image_path!r} have no usable "
-                         f"picture ({self.skipped.summary()}): is the image folder right?")
+        raise ValueError(f"{tries} records in a row from {self.records[index].image_path!r} {NO_USABLE_PICTURE} "
+                         f"({self.skipped.summary()}): is the image folder right?")
 
     def _prepare_batch(self, indices: Sequence[int], seed: int, replace: bool,
                        out: Optional[np.ndarray] = None):
@@ -518,6 +519,15 @@ def _images_to_float(images, labels):
 
 
 # ----------------------------------------------------------------------------- shortcuts
+
+
+def input_error_message(error: Exception) -> Optional[str]:
+    """The pipeline's own message when ``error`` (a TensorFlow error raised through tf.data from
+    a batch function) is the pipeline giving up on unusable pictures; None otherwise."""
+    for line in str(getattr(error, "message", error)).splitlines():
+        if NO_USABLE_PICTURE in line:
+            return line.split("ValueError: ", 1)[-1].strip()
+    return None
 
 
 # ----------------------------------------------------------------------------- targets

@@ -169,3 +169,23 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
               if np.linalg.norm(p) > 0]
     assert len(errors) > len(moves[False]) // 2
     assert np.median(errors) < 1e-2 and max(errors) < 0.1, (np.median(errors), max(errors))
+
+
+def test_a_wrong_image_folder_stops_with_one_clear_line(tmp_path, synth_dir, capsys):
+    """Every training picture missing (a wrong --train-images): main.py exits with 2 and one line
+    naming a file of the folder and the likely cause, not a traceback from inside tf.data."""
+    import main
+
+    paths = os.path.join(synth_dir, os.listdir(synth_dir)[0])
+    empty = tmp_path / "no_pictures_here"
+    empty.mkdir()
+    args = main.build_parser("test").parse_args(
+        ["--run-dir", str(tmp_path / "run"), "--dataset", "ai_challenger",
+         "--train-json", os.path.join(paths, "train.json"), "--train-images", str(empty),
+         "--val-json", os.path.join(paths, "val.json"), "--val-images", os.path.join(paths, "val"),
+         "--input-height", "64", "--input-width", "64", "--batch-size", "2", "--tiny-width", "8",
+         "--tiny-stem-channels", "16", "--head-channels", "16", "--epochs", "1", "--steps-per-epoch", "2"])
+    assert main.run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: 8 records in a row from") and str(empty) in err
+    assert "is the image folder right?" in err and "(8 files): missing file" in err

@@ -61,7 +61,7 @@ import keras
 import tensorflow as tf
 
 from config import Config, load_config
-from dataset.pipeline import InputPipeline, on_device
+from dataset.pipeline import InputPipeline, input_error_message, on_device
 from nets.losses import spm_loss
 from nets.spm_model import build_spm_model, load_backbone_weights
 from utils.evaluation import Evaluator, save_prediction_picture
@@ -402,7 +402,13 @@ class Trainer:
         Raises NonFiniteLossError naming the first step whose loss (or, without loss scaling,
         whose update) was not finite; nothing of that call reaches a checkpoint.
         """
-        out = {k: v.numpy() for k, v in self._train_call(iterator, tf.constant(num_steps, tf.int64)).items()}
+        try:
+            out = {k: v.numpy() for k, v in self._train_call(iterator, tf.constant(num_steps, tf.int64)).items()}
+        except tf.errors.OpError as e:
+            message = input_error_message(e)          # e.g. a wrong image folder: one clear line
+            if message is None:
+                raise
+            raise ValueError(message) from None
         if int(out["first_bad"]) >= 0:
             bad = int(out["first_bad"])
             raise NonFiniteLossError(
