@@ -219,3 +219,21 @@ def test_missing_configuration_is_a_clear_error():
     cfg = get_preset("ai_challenger_w32_512")
     with pytest.raises(ValueError, match="train_json"):
         load_records(cfg, "train")
+
+
+def test_people_beyond_the_slots_are_left_out_with_a_warning(records, caplog):
+    """--max-people-per-image 1: a warning at start names the crowded images; each picture ships
+    its first labelled person, padding people never take a slot."""
+    crowded = [r for r in records if len(r.keypoints) >= 2][:2]
+    assert len(crowded) == 2
+    with caplog.at_level("WARNING"):
+        pipe = InputPipeline(_cfg(max_people_per_image=1, augment=False), "train", crowded)
+    assert "2 train images have more than max_people_per_image = 1" in caplog.text
+    assert crowded[0].image_id in caplog.text
+    _, kps, boxes, _, _ = pipe._train_batch(np.array([0, 1]), np.array([0]))
+    samples = pipe.samples([0, 1], 0)
+    for b, sample in enumerate(samples):
+        first = np.flatnonzero((sample.keypoints[..., 2] > VIS_UNLABELLED).any(axis=1))[0]
+        assert kps.shape[1] == 1
+        np.testing.assert_array_equal(kps[b, 0], sample.keypoints[first])
+        np.testing.assert_array_equal(boxes[b, 0], sample.boxes[first])
