@@ -233,8 +233,8 @@ class Augmenter:
             (H, W), image, mask = sizes[i], images[i], masks[i]
             augment = cv2.getAffineTransform(points[i], moved[i]).astype(np.float64)
             # The picture: letterbox then augmentation, one warp (after halvings of large pictures).
-            matrix = _then(to_nets[i], augment)              # continuous picture -> network input
-            picture = image
+            to_input = _then(to_nets[i], augment)            # continuous picture -> network input
+            matrix, picture = to_input, image
             while abs(np.linalg.det(matrix[:, :2])) < 0.25 and min(picture.shape[:2]) >= 4:
                 h2, w2 = picture.shape[0] // 2, picture.shape[1] // 2
                 picture = cv2.resize(picture[:2 * h2, :2 * w2], (w2, h2), interpolation=cv2.INTER_AREA)
@@ -246,7 +246,7 @@ class Augmenter:
                 warped[i] = picture
             new_mask = None
             if mask is not None:
-                new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(_then(to_nets[i], augment)),
+                new_mask = cv2.warpAffine(mask.astype(np.uint8), _continuous_to_index(to_input),
                                           (W, H), flags=cv2.INTER_NEAREST,
                                           borderMode=cv2.BORDER_CONSTANT, borderValue=0) > 0
             kps = np.asarray(keypoints[i], np.float32)

@@ -86,19 +86,18 @@ import numpy as np
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
+from config.skeletons import VIS_UNLABELLED, Skeleton
 from dataset.ai_challenger import read_ai_challenger
 from dataset.augment import Augmenter, apply_colour, unlabel_outside
 from dataset.coco import read_coco
 from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
 from dataset.records import ImageRecord, ReadStats
 from dataset.synthetic import ensure_synthetic_dataset
-from config.skeletons import VIS_UNLABELLED, Skeleton
 from nets.spr import encode, encode_batch
 
 log = logging.getLogger(__name__)
 
 MODES = ("train", "val")
-TARGET_KEYS = ("root", "root_weight", "disp", "disp_weight")
 LABEL_KEYS = ("keypoints", "boxes", "ignore", "colour")
 NO_COLOUR_CHANGE = np.array([1.0, 0.0], np.float32)   # multiplier 1, no grayscale
 MAX_REPLACEMENTS = 20      # unusable pictures in a row before the pipeline stops
@@ -518,8 +517,7 @@ def _images_to_float(images, labels):
     return tf.cast(images, tf.float32), labels
 
 
-# ----------------------------------------------------------------------------- shortcuts
-
+# ----------------------------------------------------------------------------- errors
 
 def input_error_message(error: Exception) -> Optional[str]:
     """The pipeline's own message when ``error`` (a TensorFlow error raised through tf.data from

@@ -6,8 +6,8 @@ hierarchical form, the joint's parent (``anchor="parent"``). The encoders (:func
 NumPy, one image: the reference implementation the hand-worked tests check; :func:`encode_batch`,
 TensorFlow, batched: what the training step runs on the device, pinned to the reference by
 ``tests/test_spr_tf.py``) and the decoder (TensorFlow, in the graph) are inverses and live side
-by side here because they share every convention below; the round trip on real annotations is exact up to
-the documented losses (people sharing a root cell, overlaps), see the README section
+by side here because they share every convention below; the round trip on real annotations is
+exact up to the documented losses (people sharing a root cell, overlaps), see the README section
 "Structured Pose Representation".
 
 Conventions (both directions)
@@ -332,7 +332,6 @@ def encode_batch(keypoints, boxes, skeleton: Skeleton, spr_cfg, input_hw: Sequen
 
         # Root map: the Gaussian window of every kept person, combined by maximum.
         r, kernel = _root_kernel(spr_cfg.sigma)
-        size = 2 * r + 1
         off = tf.range(-r, r + 1)
         ys = cells[..., 1, None, None] + off[:, None]                            # [B, N, S, 1]
         xs = cells[..., 0, None, None] + off[None, :]                            # [B, N, 1, S]

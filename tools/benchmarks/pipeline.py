@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from config import get_preset
-from dataset.letterbox import letterbox_image, letterbox_params, to_network
+from dataset.letterbox import letterbox_image, letterbox_params
 from dataset.pipeline import InputPipeline, render_targets
 from tools.benchmarks.photos import ensure_photos
 
@@ -67,27 +67,25 @@ def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict
         t1 = time.perf_counter()
         pictures = [cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR_RGB) for d in data]
         t2 = time.perf_counter()
-        for bgr in pictures:                    # the cost of one bilinear warp to the input size
-            lb = letterbox_params(bgr.shape[0], bgr.shape[1], H, W)
+        for picture in pictures:                # the cost of one bilinear warp to the input size
+            lb = letterbox_params(picture.shape[0], picture.shape[1], H, W)
             scale = np.diag([lb.scale_x, lb.scale_y, 1.0])
-            cv2.warpAffine(bgr, (np.vstack([rotation, [0, 0, 1]]) @ scale)[:2], (W, H), flags=cv2.INTER_LINEAR)
+            cv2.warpAffine(picture, (np.vstack([rotation, [0, 0, 1]]) @ scale)[:2], (W, H), flags=cv2.INTER_LINEAR)
         t3 = time.perf_counter()
-        lbs = [letterbox_params(b.shape[0], b.shape[1], H, W) for b in pictures]
-        kps, boxes = [], []
-        for index, lb in zip(indices, lbs):
-            record = pipeline.records[index]
-            k_ = record.keypoints.copy()
-            k_[..., :2] = to_network(k_[..., :2], lb)
-            kps.append(k_)
-            boxes.append(to_network(record.boxes.reshape(-1, 2, 2), lb).reshape(-1, 4))
+        # The batch's inputs as the pipeline reads them (picture, letterbox, points; untimed).
+        reads = [pipeline._read(index) for index in indices]
+        t3_augment = time.perf_counter()
         if pipeline.augmenter is not None:
-            pipeline.augmenter.augment_batch(pictures, kps, boxes, k, None, lbs)
+            pipeline.augmenter.augment_batch([r[0] for r in reads], [r[2] for r in reads],
+                                             [r[3] for r in reads], k, [r[4] for r in reads],
+                                             [r[1] for r in reads])
         else:
-            [letterbox_image(b, lb) for b, lb in zip(pictures, lbs)]
+            for picture, lb, *_ in reads:
+                letterbox_image(picture, lb)
         t4 = time.perf_counter()
         pipeline._train_batch(np.array(indices), np.array([k]))
         t5 = time.perf_counter()
-        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        for key, dt in zip(keys, (t1 - t0, t2 - t1, t3 - t2, t4 - t3_augment, t5 - t4)):
             totals[key] += dt
     return {k: round(1000.0 * v / (batches * batch_size), 3) for k, v in totals.items()}
 

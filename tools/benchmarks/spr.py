@@ -188,13 +188,14 @@ def run_oracle(argv: Sequence[str]) -> Dict:
     return summary
 
 
-def _padded(people, count: int):
-    """float32 keypoints [I, N, J, 3] and boxes [I, N, 4] of ``people`` padded to ``count``."""
+def _padded(people):
+    """float32 keypoints [I, N, J, 3] and boxes [I, N, 4] of ``people``, padded with unlabelled
+    people to the most people of an image."""
     n = max(1, max(len(kps) for _, kps, _ in people))
     J = people[0][1].shape[1]
-    K = np.zeros((count, n, J, 3), np.float32)
-    B = np.zeros((count, n, 4), np.float32)
-    for i, (_, kps, boxes) in enumerate(people[:count]):
+    K = np.zeros((len(people), n, J, 3), np.float32)
+    B = np.zeros((len(people), n, 4), np.float32)
+    for i, (_, kps, boxes) in enumerate(people):
         K[i, :len(kps)], B[i, :len(boxes)] = kps, boxes
     return K, B
 
@@ -202,7 +203,7 @@ def _padded(people, count: int):
 def _tf_encode_all(cfg: Config, people, input_hw, batch: int = 50):
     """Seconds and the targets of every image from the TF encoder (XLA, batches of ``batch``)."""
     encode = tf.function(lambda k, b: spr.encode_batch(k, b, cfg.skeleton, cfg.spr, input_hw), jit_compile=True)
-    K, B = _padded(people, len(people))
+    K, B = _padded(people)
     encode(K[:batch], B[:batch])                              # trace and compile
     out, seconds = {}, 0.0
     for s in range(0, len(K), batch):
