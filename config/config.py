@@ -81,6 +81,10 @@ class SprConfig:
     score_threshold: float = 0.2      # root-peak threshold; 0.2 scored best of 0.1..0.5 (README)
     max_people: int = 30              # top-k root peaks per image
     gather: str = "bilinear"          # nearest | bilinear reading of the displacement maps
+    # Joint heatmaps (--joint-heatmaps, beyond the paper): targets and snapping
+    joint_sigma: float = 1.5          # Gaussian of each joint's heatmap, output-map pixels, centred on the exact joint
+    snap_radius: float = 2.0          # a regressed joint moves to a heatmap peak at most this far (output-map pixels)
+    snap_threshold: float = 0.1       # ... when that peak's value exceeds this; otherwise it stays where regressed
 
 
 @dataclasses.dataclass
@@ -90,6 +94,7 @@ class ModelConfig:
     head: str = "spm"                 # spm (earlier TF implementation's head) | hrnetv2
     head_channels: int = 64
     head_blocks: int = 2
+    joint_heatmaps: bool = False      # J keypoint heatmaps beside root and displacements (beyond the paper)
     backbone_weights: str = ""        # converted official weights (.weights.h5)
     sync_batchnorm: bool = False      # synchronized BatchNorm under a distribution strategy
     # hrnet_tiny stage table (nets/hrnet.py): branch widths tiny_width * (1, 2, 4, 8)
@@ -110,6 +115,8 @@ class LossConfig:
     smooth_l1_beta: float = 0.01      # knee of the smooth-L1, in normalised displacement units
     focal_alpha: float = 2.0          # focal root loss (CenterNet): (1 - p)^alpha on peaks
     focal_beta: float = 4.0           # (1 - t)^beta penalty reduction near peaks
+    joint_loss: str = "l2"            # l2 | focal, on the joint heatmaps (--joint-heatmaps)
+    joint_loss_weight: float = 1.0
 
 
 @dataclasses.dataclass
@@ -341,6 +348,7 @@ _CHOICES = {
     "backbone": ("hrnet_w18", "hrnet_w32", "hrnet_w48", "hrnet_tiny"),
     "head": ("spm", "hrnetv2"),
     "root_loss": ("l2", "focal"),
+    "joint_loss": ("l2", "focal"),
     "disp_loss": ("l1", "smooth_l1"),
     "lr_schedule": ("step", "cosine"),
     "optimizer": ("adam", "sgd"),
@@ -364,12 +372,15 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"config field {name!r} is {v}; it must be a positive multiple of "
                              f"{8 * s} (HRNet's lowest branch is at stride 32)")
     positive = {"batch_size": cfg.data.batch_size, "sigma": cfg.spr.sigma, "tau": cfg.spr.tau,
+                "joint_sigma": cfg.spr.joint_sigma,
                 "max_people": cfg.spr.max_people, "epochs": cfg.train.epochs,
                 "nms_window": cfg.spr.nms_window, "steps_per_call": cfg.train.steps_per_call,
                 "max_people_per_image": cfg.data.max_people_per_image}
     for name, v in positive.items():
         if not v > 0:
             raise ValueError(f"config field {name!r} must be positive, got {v}")
+    if cfg.spr.snap_radius < 0:
+        raise ValueError(f"config field 'snap_radius' must be >= 0 (0: no snapping), got {cfg.spr.snap_radius}")
     if cfg.augment.scale_min > cfg.augment.scale_max:
         raise ValueError("config fields 'scale_min' > 'scale_max'")
     if cfg.augment.color_mul_min > cfg.augment.color_mul_max:

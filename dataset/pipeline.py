@@ -17,7 +17,8 @@ the skip counter and builds the datasets:
   uint8 ``[B, h, w / 8]`` (output cells left out of the root loss, ``np.packbits`` order) and
   ``colour`` float32 ``[B, 2]`` (multiplier, grayscale flag). :func:`on_device` turns a batch
   into float32 pictures and the SPR target dict (``render_targets``: ``root``, ``root_weight``
-  ``[B, h, w, 1]``, ``disp``, ``disp_weight`` ``[B, h, w, 2J]``). Training shuffles the records
+  ``[B, h, w, 1]``, ``disp``, ``disp_weight`` ``[B, h, w, 2J]``; with ``--joint-heatmaps`` also
+  ``heatmaps``, ``heatmap_weight`` ``[B, h, w, J]``). Training shuffles the records
   anew every epoch, augments and drops the last partial batch; validation does neither.
 * ``pipeline.eval_dataset(batch_size=None)`` -> batches of ``(images, info)`` for evaluation:
   ``info["index"]`` int64 ``[B]`` (index into ``pipeline.records``), ``info["letterbox"]``
@@ -542,7 +543,8 @@ def render_targets(labels: Dict[str, Any], cfg) -> Dict[str, Any]:
 
     ``labels``: ``keypoints`` [B, P, J, 3], ``boxes`` [B, P, 4], ``ignore`` [B, h, w/8] bits of
     the output cells to leave out of the root loss (``np.packbits`` order, first cell in the
-    high bit). Returns the dict of ``nets.spr.encode_batch``; the training step calls this on
+    high bit). Returns the dict of ``nets.spr.encode_batch`` (with the joint heatmaps when
+    ``cfg.model.joint_heatmaps``); the training step calls this on
     the device, so the host ships images and points only.
     """
     packed = tf.cast(labels["ignore"], tf.int32)
@@ -551,4 +553,5 @@ def render_targets(labels: Dict[str, Any], cfg) -> Dict[str, Any]:
     h, w = cfg.output_shape
     ignore = tf.reshape(bits, [tf.shape(packed)[0], h, -1])[:, :, :w] > 0
     return encode_batch(labels["keypoints"], labels["boxes"], cfg.skeleton, cfg.spr,
-                        (cfg.data.input_height, cfg.data.input_width), ignore=ignore)
+                        (cfg.data.input_height, cfg.data.input_width), ignore=ignore,
+                        heatmaps=cfg.model.joint_heatmaps)

@@ -1,7 +1,9 @@
 """SPM losses: root confidence map and displacement maps, normalised for any replica count.
 
 ``spm_loss(targets, outputs, loss_cfg, global_batch_size)`` returns scalar float32 tensors
-``{"total", "root", "disp"}`` with ``total = root_loss_weight * root + disp_loss_weight * disp``.
+``{"total", "root", "disp"}`` with ``total = root_loss_weight * root + disp_loss_weight * disp``;
+for a model with joint heatmaps (``outputs["heatmaps"]``) also ``"joints"``, and ``total`` adds
+``joint_loss_weight * joints``.
 
 Normalisation
 -------------
@@ -52,6 +54,13 @@ Gaussians plus the 0.01 background; ~77 per person at sigma 7, ~6 at sigma 2) an
 disp_weight |d_target|``; see the README section "Model and losses" for values measured on the
 AI Challenger example annotations. Training drives ``root`` towards the irreducible error of
 peaks one cell off and ``disp`` towards ``(number of supervised entries) x (typical error / Z)``.
+
+Joint heatmaps (``joint_loss``)
+-------------------------------
+The same two losses as the root map, per channel: ``l2`` over all pixels and channels, or the
+focal loss with the peaks of every channel (the cells nearest each joint; the targets are centred
+on the exact joint, so a peak holds slightly less than 1) counted together per example.
+``heatmap_weight`` leaves ignore regions out, as ``root_weight`` does.
 
 Everything is computed in float32, also when the model runs under mixed precision.
 """
@@ -105,7 +114,13 @@ def disp_l1(pred: tf.Tensor, target: tf.Tensor, weight: tf.Tensor, knee: float =
 
 
 def _check_shapes(targets: dict, outputs: dict) -> None:
-    for key, weight_key in (("root", "root_weight"), ("disp", "disp_weight")):
+    pairs = [("root", "root_weight"), ("disp", "disp_weight")]
+    if "heatmaps" in outputs:
+        if "heatmaps" not in targets:
+            raise ValueError("spm_loss: the model has joint heatmaps but the targets have none "
+                             "(encode them with heatmaps=True)")
+        pairs.append(("heatmaps", "heatmap_weight"))
+    for key, weight_key in pairs:
         for name, t in ((key, targets[key]), (weight_key, targets[weight_key])):
             if not outputs[key].shape.is_compatible_with(t.shape):
                 raise ValueError(f"spm_loss: target {name!r} has shape {t.shape}, the model's "
@@ -117,27 +132,31 @@ def spm_loss(targets: Dict[str, tf.Tensor], outputs: Dict[str, tf.Tensor], loss_
     """The SPM loss of a (local) batch; see the module docstring for the conventions.
 
     Args:
-        targets: ``{"root", "root_weight" [B, h, w, 1], "disp", "disp_weight" [B, h, w, 2J]}``.
-        outputs: the model's ``{"root" [B, h, w, 1], "disp" [B, h, w, 2J]}``.
+        targets: ``{"root", "root_weight" [B, h, w, 1], "disp", "disp_weight" [B, h, w, 2J]}``
+            (and ``"heatmaps", "heatmap_weight" [B, h, w, J]`` for a model with heatmaps).
+        outputs: the model's ``{"root" [B, h, w, 1], "disp" [B, h, w, 2J]}`` (and ``"heatmaps"``).
         loss_cfg: :class:`config.config.LossConfig`.
         global_batch_size: examples in the batch summed over all replicas (the local batch on
             one device).
 
     Returns:
-        float32 scalars ``{"total", "root", "disp"}``; ``root`` and ``disp`` before weighting.
+        float32 scalars ``{"total", "root", "disp"}`` (and ``"joints"``); the terms before weighting.
     """
     if global_batch_size <= 0:
         raise ValueError(f"spm_loss: global_batch_size must be positive, got {global_batch_size}")
     targets = {k: _f32(v) for k, v in targets.items()}
-    outputs = {k: _f32(outputs[k]) for k in ("root", "disp")}
+    outputs = {k: _f32(v) for k, v in outputs.items() if k in ("root", "disp", "heatmaps")}
     _check_shapes(targets, outputs)
-    if loss_cfg.root_loss == "l2":
-        root = root_l2(outputs["root"], targets["root"], targets["root_weight"])
-    elif loss_cfg.root_loss == "focal":
-        root = root_focal(outputs["root"], targets["root"], targets["root_weight"],
-                          loss_cfg.focal_alpha, loss_cfg.focal_beta)
-    else:
-        raise ValueError(f"unknown root_loss {loss_cfg.root_loss!r}")
+
+    def confidence_loss(kind, key, weight_key):
+        if kind == "l2":
+            return root_l2(outputs[key], targets[key], targets[weight_key])
+        if kind == "focal":
+            return root_focal(outputs[key], targets[key], targets[weight_key],
+                              loss_cfg.focal_alpha, loss_cfg.focal_beta)
+        raise ValueError(f"unknown {key} loss {kind!r}; choose 'l2' or 'focal'")
+
+    root = confidence_loss(loss_cfg.root_loss, "root", "root_weight")
     if loss_cfg.disp_loss not in ("l1", "smooth_l1"):
         raise ValueError(f"unknown disp_loss {loss_cfg.disp_loss!r}")
     knee = loss_cfg.smooth_l1_beta if loss_cfg.disp_loss == "smooth_l1" else 0.0
@@ -146,4 +165,9 @@ def spm_loss(targets: Dict[str, tf.Tensor], outputs: Dict[str, tf.Tensor], loss_
     root = tf.reduce_sum(root) * scale
     disp = tf.reduce_sum(disp) * scale
     total = loss_cfg.root_loss_weight * root + loss_cfg.disp_loss_weight * disp
-    return {"total": total, "root": root, "disp": disp}
+    out = {"root": root, "disp": disp}
+    if "heatmaps" in outputs:
+        joints = tf.reduce_sum(confidence_loss(loss_cfg.joint_loss, "heatmaps", "heatmap_weight")) * scale
+        total += loss_cfg.joint_loss_weight * joints
+        out["joints"] = joints
+    return {"total": total, **out}

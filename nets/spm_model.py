@@ -7,7 +7,9 @@
 * it normalises them itself with the ImageNet mean and standard deviation (the statistics
   HRNet's pretraining saw), so every caller feeds raw pixels;
 * outputs ``{"root": [B, H/4, W/4, 1], "disp": [B, H/4, W/4, 2J]}``, float32 also under mixed
-  precision; displacement channel ``2j`` is x and ``2j + 1`` is y of joint ``j``.
+  precision; displacement channel ``2j`` is x and ``2j + 1`` is y of joint ``j``. With
+  ``cfg.model.joint_heatmaps`` also ``"heatmaps": [B, H/4, W/4, J]``, one keypoint confidence map
+  per joint (beyond the paper: the decoder snaps regressed joints to their peaks, nets/spr.py).
 
 The trunk is a nested model named ``backbone`` (``nets/hrnet.py``) whose layer names are the
 official HRNet state_dict module paths; head layers are named ``head.*``.
@@ -30,6 +32,7 @@ trunk):
   (the focal-loss prior of Lin et al. 2017, as in CenterNet). The map then starts at 0.01
   everywhere, stays a confidence in (0, 1) that the decoder can threshold and peak-search, and
   serves both root losses (L2 on the probability, and the focal loss, which needs one). The
+  joint heatmaps' output is built the same way. The
   sigmoid's small slope at 0.01 does not slow the L2 fit under Adam: against a linear,
   zero-initialised root output the validation root loss after 400 steps of the tiny preset was
   12.41 vs 12.72 (README, "Model and losses").
@@ -85,7 +88,11 @@ def build_spm_model(cfg, any_size: bool = False) -> keras.Model:
                        bias_initializer=keras.initializers.Constant(prior_logit))
     disp = head.output(x, 2 * cfg.skeleton.num_joints, "head.disp", activation=None,
                        bias_initializer="zeros")
-    return keras.Model(images, {"root": root, "disp": disp}, name="SpmModel")
+    outputs = {"root": root, "disp": disp}
+    if mcfg.joint_heatmaps:
+        outputs["heatmaps"] = head.output(x, cfg.skeleton.num_joints, "head.joints", activation="sigmoid",
+                                          bias_initializer=keras.initializers.Constant(prior_logit))
+    return keras.Model(images, outputs, name="SpmModel")
 
 
 class _Head:

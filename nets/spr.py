@@ -59,6 +59,26 @@ Conventions (both directions)
 * **Who is encoded.** A person with no labelled joint, or with no labelled joint inside the input,
   is left out (nothing to regress, nothing visible). Labelled joints outside the input are kept
   (their displacements point out of the map).
+
+Joint heatmaps (``--joint-heatmaps``, beyond the paper)
+-------------------------------------------------------
+CenterNet's multi-person pose and mmpose's SPR codec add one keypoint heatmap per joint and move
+each regressed joint onto a nearby heatmap peak; regression alone is imprecise at the strict OKS
+thresholds. Here (TensorFlow only: :func:`encode_batch` with ``heatmaps=True``):
+
+* **Targets.** Channel ``j`` holds ``exp(-d^2 / joint_sigma^2)`` (the root map's form) around every
+  labelled joint ``j`` inside the map, ``d`` the distance from a cell centre to the **exact**
+  (sub-pixel) joint position, so the map's log is a paraboloid whose apex is the joint; people
+  are combined by maximum; truncated at ``3 joint_sigma``. Unlabelled joints write nothing;
+  ignore regions leave the background out of the loss as for the root map.
+* **Snapping** (:func:`decode` with ``heatmaps``). Right after a joint is read from the
+  displacements (so that its children are read at the snapped position), the decoder looks at
+  the heatmap's local maxima (3x3) above ``snap_threshold`` whose cell centres lie within
+  ``snap_radius`` of the regressed position; the nearest one (CenterNet's rule: another person's
+  stronger peak nearby does not win) replaces the regressed joint by its sub-pixel apex (a parabola through the log of the peak and its two neighbours, per axis,
+  offset clamped to half a cell). Otherwise the joint stays where it was regressed.
+* **Person score.** ``sqrt(root peak * mean over joints of the heatmap value at the final
+  joint)``: a person whose joints find no heatmap support ranks lower (COCO AP ranks by score).
 """
 
 from __future__ import annotations
@@ -274,7 +294,7 @@ def encode(keypoints: np.ndarray, boxes: np.ndarray, skeleton: Skeleton, spr_cfg
 # ----------------------------------------------------------------------------- encoder (TensorFlow)
 
 def encode_batch(keypoints, boxes, skeleton: Skeleton, spr_cfg, input_hw: Sequence[int],
-                 ignore=None) -> Dict[str, Any]:
+                 ignore=None, heatmaps: bool = False) -> Dict[str, Any]:
     """SPR targets of a batch in TensorFlow: what the training step renders on the device.
 
     The same targets as :func:`encode` (the reference implementation; ``tests/test_spr_tf.py``
@@ -290,9 +310,11 @@ def encode_batch(keypoints, boxes, skeleton: Skeleton, spr_cfg, input_hw: Sequen
         skeleton, spr_cfg, input_hw: as for :func:`encode`.
         ignore: optional bool [B, h, w] output cells left out of the root loss (``root_weight``
             0) except where a person's root Gaussian is (the pipeline's ignore regions).
+        heatmaps: also the joint heatmaps (module docstring, "Joint heatmaps").
     Returns:
         float32 ``{"root": [B, h, w, 1], "root_weight": [B, h, w, 1], "disp": [B, h, w, 2J],
-        "disp_weight": [B, h, w, 2J]}``.
+        "disp_weight": [B, h, w, 2J]}``, with ``heatmaps`` also ``"heatmaps"`` and
+        ``"heatmap_weight"`` [B, h, w, J].
     """
     stride = spr_cfg.output_stride
     h, w = output_hw(input_hw, stride)
@@ -407,7 +429,45 @@ def encode_batch(keypoints, boxes, skeleton: Skeleton, spr_cfg, input_hw: Sequen
         out = tf.reshape(out, [batch, h, w, J, 3])
         disp = tf.reshape(out[..., 0:2], [batch, h, w, 2 * J])
         disp_weight = tf.reshape(tf.repeat(out[..., 2:3], 2, axis=-1), [batch, h, w, 2 * J])
-        return {"root": root, "root_weight": root_weight, "disp": disp, "disp_weight": disp_weight}
+        out = {"root": root, "root_weight": root_weight, "disp": disp, "disp_weight": disp_weight}
+        if heatmaps:
+            heat = joint_heatmaps(xy, labelled & in_map, h, w, spr_cfg.joint_sigma)
+            heat_weight = tf.ones_like(heat)
+            if ignore is not None:
+                heat_weight = tf.where(tf.cast(ignore, tf.bool)[..., None] & (heat <= 0.0), 0.0, heat_weight)
+            out.update(heatmaps=heat, heatmap_weight=heat_weight)
+        return out
+
+
+def joint_heatmaps(xy, present, h: int, w: int, sigma: float):
+    """Joint heatmap targets (module docstring, "Joint heatmaps") in TensorFlow.
+
+    Args:
+        xy: float [B, N, J, 2] joint positions in output-map coordinates.
+        present: bool [B, N, J], the joints that write a Gaussian (labelled, inside the map).
+    Returns:
+        float32 [B, h, w, J]: per channel the maximum over people of ``exp(-d^2 / sigma^2)``,
+        ``d`` from each cell centre to the joint, within ``3 sigma`` cells of the joint's cell.
+    """
+    xy = tf.cast(xy, tf.float64)
+    batch, J = tf.shape(xy)[0], xy.shape[2]
+    r = int(math.ceil(GAUSSIAN_TRUNCATE * sigma))
+    off = tf.range(-r, r + 1)
+    # clipped before the cast: joints far outside the map (present is False there) stay int32
+    limit = tf.constant([w, h], tf.float64)
+    cell = tf.cast(tf.floor(tf.clip_by_value(xy, -1.0, limit)), tf.int32)       # [B, N, J, 2]
+    ys = cell[..., 1, None, None] + off[:, None]                                  # [B, N, J, S, 1]
+    xs = cell[..., 0, None, None] + off[None, :]                                  # [B, N, J, 1, S]
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w) & present[..., None, None]
+    d2 = (tf.square(tf.cast(xs, tf.float64) + 0.5 - xy[..., 0, None, None])
+          + tf.square(tf.cast(ys, tf.float64) + 0.5 - xy[..., 1, None, None]))
+    values = tf.where(inside, tf.cast(tf.exp(-d2 / (sigma * sigma)), tf.float32), 0.0)
+    b_index = tf.range(batch)[:, None, None, None, None]
+    j_index = tf.range(J)[None, None, :, None, None]
+    flat = ((b_index * h + tf.clip_by_value(ys, 0, h - 1)) * w + tf.clip_by_value(xs, 0, w - 1)) * J + j_index
+    heat = tf.tensor_scatter_nd_max(tf.zeros([batch * h * w * J], tf.float32),
+                                    tf.reshape(flat, [-1, 1]), tf.reshape(values, [-1]))
+    return tf.reshape(heat, [batch, h, w, J])
 
 
 # ----------------------------------------------------------------------------- decoder (TensorFlow)
@@ -460,6 +520,9 @@ def _sample(maps_flat, h, w, points, gather: str):
     ``nearest``, the clamped position for ``bilinear``): a displacement is relative to that point.
     """
     wf, hf = tf.cast(w, tf.float32), tf.cast(h, tf.float32)
+    # A diverged network reads at NaN: index a valid cell, hand back NaN (not a gather error).
+    finite = tf.reduce_all(tf.math.is_finite(points), axis=-1, keepdims=True)
+    points = tf.where(finite, points, 0.5)
     x = tf.clip_by_value(points[..., 0], 0.5, wf - 0.5)
     y = tf.clip_by_value(points[..., 1], 0.5, hf - 0.5)
 
@@ -470,7 +533,7 @@ def _sample(maps_flat, h, w, points, gather: str):
         ix = tf.minimum(tf.cast(tf.floor(x), tf.int32), w - 1)
         iy = tf.minimum(tf.cast(tf.floor(y), tf.int32), h - 1)
         centre = tf.cast(tf.stack([ix, iy], axis=-1), tf.float32) + 0.5
-        return at(ix, iy), centre
+        return tf.where(finite, at(ix, iy), np.nan), tf.where(finite, centre, np.nan)
     if gather != "bilinear":
         raise ValueError(f"unknown gather {gather!r}; choose 'nearest' or 'bilinear'")
     gx, gy = x - 0.5, y - 0.5                       # in units of cell centres, >= 0
@@ -480,7 +543,8 @@ def _sample(maps_flat, h, w, points, gather: str):
     x1, y1 = tf.minimum(x0 + 1, w - 1), tf.minimum(y0 + 1, h - 1)
     top = at(x0, y0) * (1.0 - fx) + at(x1, y0) * fx
     bottom = at(x0, y1) * (1.0 - fx) + at(x1, y1) * fx
-    return top * (1.0 - fy) + bottom * fy, tf.stack([x, y], axis=-1)
+    return (tf.where(finite, top * (1.0 - fy) + bottom * fy, np.nan),
+            tf.where(finite, tf.stack([x, y], axis=-1), np.nan))
 
 
 class Decoded(NamedTuple):
@@ -492,13 +556,88 @@ class Decoded(NamedTuple):
     roots: Any        # float32 [B, K, 2], root cell centres, network-input pixels
 
 
-def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
+def snap_to_peaks(points, joints: Sequence[int], heat_flat, peaks_flat, h, w, radius: float,
+                  threshold: float):
+    """Move regressed joints onto nearby joint-heatmap peaks (module docstring, "Joint heatmaps").
+
+    Args:
+        points: float32 [B, K, n, 2] regressed positions of joints ``joints`` (n of them),
+            output-map coordinates.
+        heat_flat: float32 [B, J * h * w], the heatmaps channel-major (``[B, J, h, w]`` flattened).
+        peaks_flat: the same with every value that is not a 3x3 local maximum set to 0.
+        radius, threshold: ``snap_radius`` and ``snap_threshold``.
+    Returns:
+        The positions [B, K, n, 2] (snapped or as regressed) and the heatmap value there
+        [B, K, n] (the peak's value, or the value of the cell holding the regressed position; 0
+        outside the map).
+    """
+    batch = tf.shape(points)[0]
+    shape = tf.shape(points)[:3]
+    finite = tf.reduce_all(tf.math.is_finite(points), axis=-1)
+    pts = tf.where(finite[..., None], points, 0.0)
+    jn = tf.constant(list(joints), tf.int32)[None, None, :]
+    wf, hf = tf.cast(w, tf.float32), tf.cast(h, tf.float32)
+
+    def value_at(xi, yi):                       # int32 cells, clamped into the map
+        xi, yi = tf.clip_by_value(xi, 0, w - 1), tf.clip_by_value(yi, 0, h - 1)
+        index = tf.reshape((jn * h + yi) * w + xi, [batch, -1])
+        return tf.reshape(tf.gather(heat_flat, index, batch_dims=1), shape)
+
+    def cell_of(v, size):
+        return tf.cast(tf.clip_by_value(tf.floor(v), 0.0, size - 1.0), tf.int32)
+
+    inside = finite & (pts[..., 0] >= 0) & (pts[..., 0] < wf) & (pts[..., 1] >= 0) & (pts[..., 1] < hf)
+    here = tf.where(inside, value_at(cell_of(pts[..., 0], wf), cell_of(pts[..., 1], hf)), 0.0)
+    if radius <= 0:
+        return points, here
+    size = int(math.floor(2.0 * radius)) + 1
+    offsets = tf.range(size, dtype=tf.float32)
+    first = tf.math.ceil(pts - radius - 0.5)
+    cols = first[..., 0, None] + offsets                                       # [B, K, n, S]
+    rows = first[..., 1, None] + offsets
+    dx = cols + 0.5 - pts[..., 0, None]
+    dy = rows + 0.5 - pts[..., 1, None]
+    d2 = tf.square(dy)[..., :, None] + tf.square(dx)[..., None, :]             # [B, K, n, S, S]
+    near = ((d2 <= radius * radius)
+            & ((rows >= 0) & (rows < hf))[..., :, None] & ((cols >= 0) & (cols < wf))[..., None, :]
+            & finite[..., None, None])
+    ci = tf.cast(tf.clip_by_value(cols, 0.0, wf - 1.0), tf.int32)
+    ri = tf.cast(tf.clip_by_value(rows, 0.0, hf - 1.0), tf.int32)
+    index = (jn[..., None, None] * h + ri[..., :, None]) * w + ci[..., None, :]
+    values = tf.reshape(tf.gather(peaks_flat, tf.reshape(index, [batch, -1]), batch_dims=1),
+                        tf.shape(index))
+    # the nearest confident peak (CenterNet's rule): a neighbour's stronger peak does not win
+    key = tf.where(near & (values > threshold), d2, np.inf)
+    key = tf.reshape(key, tf.concat([shape, [size * size]], 0))
+    best = tf.argmin(key, axis=-1, output_type=tf.int32)
+    confident = tf.math.is_finite(tf.reduce_min(key, axis=-1))
+    top = tf.gather(tf.reshape(values, tf.shape(key)), best, batch_dims=3)
+    px = tf.gather(ci, best % size, batch_dims=3)
+    py = tf.gather(ri, best // size, batch_dims=3)
+
+    def apex(lo, mid, hi):                      # parabola through the logs at -1, 0, 1
+        lo, mid, hi = (tf.math.log(tf.maximum(v, 1e-10)) for v in (lo, mid, hi))
+        curve = lo - 2.0 * mid + hi
+        safe = tf.where(curve < 0.0, curve, -1.0)
+        return tf.where(curve < 0.0, tf.clip_by_value(0.5 * (lo - hi) / safe, -0.5, 0.5), 0.0)
+
+    centre = value_at(px, py)
+    ox = apex(value_at(px - 1, py), centre, value_at(px + 1, py))
+    oy = apex(value_at(px, py - 1), centre, value_at(px, py + 1))
+    snapped = tf.stack([tf.cast(px, tf.float32) + 0.5 + ox, tf.cast(py, tf.float32) + 0.5 + oy], axis=-1)
+    return (tf.where(confident[..., None], snapped, points), tf.where(confident, top, here))
+
+
+def decode(root, disp, skeleton: Skeleton, spr_cfg, heatmaps=None) -> Decoded:
     """Decode batched SPM maps into poses, in the graph (fixed shapes, no data-dependent Python).
 
     Args:
         root: float [B, h, w, 1] root confidence map.
         disp: float [B, h, w, 2J] displacement maps (channel 2j = x, 2j+1 = y of joint j).
-        skeleton, spr_cfg: as for :func:`encode` (anchor, gather, Z, NMS, threshold, max_people).
+        skeleton, spr_cfg: as for :func:`encode` (anchor, gather, Z, NMS, threshold, max_people;
+            snap_radius and snap_threshold with ``heatmaps``).
+        heatmaps: optional float [B, h, w, J] joint heatmaps: each joint, once read, snaps to a
+            nearby peak, and the person score takes the heatmap values (module docstring).
     Returns:
         :class:`Decoded` (poses, scores, num_people, roots).
     """
@@ -519,6 +658,16 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
         batch, k = tf.shape(cells)[0], spr_cfg.max_people
         disp_flat = tf.reshape(disp, [batch, -1, 2 * J])
         parents = anchor_parents(skeleton, spr_cfg.anchor)
+        if heatmaps is not None:
+            heat = tf.cast(heatmaps, tf.float32)
+            if heat.shape[-1] is not None and heat.shape[-1] != J:
+                raise ValueError(f"heatmaps have {heat.shape[-1]} channels; skeleton {skeleton.name} "
+                                 f"expects {J}")
+            pooled = tf.nn.max_pool2d(heat, ksize=3, strides=1, padding="SAME")
+            heat_flat = tf.reshape(tf.transpose(heat, [0, 3, 1, 2]), [batch, -1])
+            peaks_flat = tf.reshape(tf.transpose(tf.where(heat >= pooled, heat, 0.0), [0, 3, 1, 2]),
+                                    [batch, -1])
+        joint_values: List = [None] * J                 # heatmap value at each final joint
 
         positions: List = [None] * J                    # each [B, K, 2], output-map coordinates
         root_pos = tf.cast(cells, tf.float32) + 0.5
@@ -532,6 +681,11 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
             select = tf.one_hot(list(stage), J, dtype=tf.float32)         # [n, J]
             offsets = tf.einsum("bknjc,nj->bknc", values, select)
             found = tf.reshape(at, [batch, k, n, 2]) + z * offsets
+            if heatmaps is not None:
+                found, value = snap_to_peaks(found, stage, heat_flat, peaks_flat, h, w,
+                                             spr_cfg.snap_radius, spr_cfg.snap_threshold)
+                for i, j in enumerate(stage):
+                    joint_values[j] = value[:, :, i]
             for i, j in enumerate(stage):
                 positions[j] = found[:, :, i]
         stride = float(spr_cfg.output_stride)
@@ -539,12 +693,18 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg) -> Decoded:
         valid = tf.sequence_mask(num_people, k)
         poses = tf.where(valid[:, :, None, None], poses, 0.0)
         roots = tf.where(valid[:, :, None], root_pos * stride, 0.0)
+        if heatmaps is not None:
+            support = tf.reduce_mean(tf.stack(joint_values, axis=2), axis=2)
+            scores = tf.where(valid, tf.sqrt(scores * tf.maximum(support, 0.0)), 0.0)
+            order = tf.argsort(tf.where(valid, scores, -1.0), axis=1, direction="DESCENDING", stable=True)
+            poses, scores, roots = (tf.gather(t, order, batch_dims=1) for t in (poses, scores, roots))
         return Decoded(poses, scores, num_people, roots)
 
 
 def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = None,
-                 jit_compile: bool = True):
-    """:func:`decode` as a ``tf.function`` of ``(root, disp)`` with a fixed input signature.
+                 jit_compile: bool = True, heatmaps: bool = False):
+    """:func:`decode` as a ``tf.function`` of ``(root, disp)``, or of ``(root, disp, heatmaps)``
+    with ``heatmaps``, with a fixed input signature.
 
     ``map_hw`` fixes the output-map size (None: any size). XLA (``jit_compile``) fuses the
     decoder's many small ops; on a 2-core CPU it runs a 128x128 map in about a third of the time
@@ -554,9 +714,11 @@ def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = 
     channels = 2 * skeleton.num_joints
     spec = (tf.TensorSpec([None, h, w, 1], tf.float32, name="root"),
             tf.TensorSpec([None, h, w, channels], tf.float32, name="disp"))
+    if heatmaps:
+        spec += (tf.TensorSpec([None, h, w, skeleton.num_joints], tf.float32, name="heatmaps"),)
 
-    def spr_decode(root, disp):
-        return decode(root, disp, skeleton, spr_cfg)
+    def spr_decode(root, disp, heatmaps=None):
+        return decode(root, disp, skeleton, spr_cfg, heatmaps)
 
     return tf.function(spr_decode, input_signature=spec, jit_compile=jit_compile)
 
@@ -574,3 +736,12 @@ def flip_maps(root, disp, skeleton: Skeleton):
         return root[..., ::-1, :], np.take(disp[..., ::-1, :], perm, axis=-1) * sign
     return (tf.reverse(root, axis=[-2]),
             tf.gather(tf.reverse(disp, axis=[-2]), perm, axis=-1) * tf.constant(sign, disp.dtype))
+
+
+def flip_heatmaps(heatmaps, skeleton: Skeleton):
+    """Mirror joint heatmaps [..., h, w, J] left-right, left and right channels swapped (NumPy or
+    TensorFlow); the heatmap counterpart of :func:`flip_maps`."""
+    perm = np.asarray(skeleton.flip_index)
+    if isinstance(heatmaps, np.ndarray):
+        return np.take(heatmaps[..., ::-1, :], perm, axis=-1)
+    return tf.gather(tf.reverse(heatmaps, axis=[-2]), perm, axis=-1)

@@ -73,7 +73,10 @@ def random_head_run(run_dir: str, **overrides):
     keras.utils.set_random_seed(0)
     model = build_spm_model(cfg)
     rng = np.random.default_rng(0)
-    for name, std in (("head.root.out", 0.3), ("head.disp.out", 0.002)):
+    outputs = [("head.root.out", 0.3), ("head.disp.out", 0.002)]
+    if cfg.model.joint_heatmaps:
+        outputs.append(("head.joints.out", 0.3))
+    for name, std in outputs:
         layer = model.get_layer(name)
         kernel, bias = layer.get_weights()
         layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])

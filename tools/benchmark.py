@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve,recipe} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "scale": ("tools.benchmarks.scale", "reading, first batch and memory at the real data sets' size"),
     "sizes": ("tools.benchmarks.sizes", "a trained model at twice its input size; decoder thresholds"),
     "curve": ("tools.benchmarks.curve", "training loss every N steps from fixed weights, deterministic data"),
+    "recipe": ("tools.benchmarks.recipe", "a preset's recipe rehearsed at its geometry: score curve per variant"),
 }
 
 

@@ -17,7 +17,8 @@ image all run inside the graph.
 TFLite: the network and the decoder on a letterboxed float32 ``[1, H, W, 3]`` image (0..255),
 returning poses in network-input pixels; the letterbox stays outside (TFLite has no
 anti-aliased resize), done with ``dataset.letterbox`` exactly as the Python path does. When the
-decoder cannot be converted, the file holds the network alone (``root``, ``disp``) and
+decoder cannot be converted, the file holds the network alone (``root``, ``disp``, and
+``heatmaps`` for a model trained with ``--joint-heatmaps``) and
 ``decoder_inside`` in the metadata JSON says so.
 """
 
@@ -56,8 +57,8 @@ def build_serving_module(model, cfg: Config, flip: bool = False, scales: Sequenc
 
         def _poses(self, x, params):
             """Network and decoder on a letterboxed batch; poses mapped back per image."""
-            root, disp = network_maps(self.model, x, skeleton, flip, scales)
-            dec = decode(root, disp, skeleton, spr)
+            maps = network_maps(self.model, x, skeleton, flip, scales)     # root, disp[, heatmaps]
+            dec = decode(maps[0], maps[1], skeleton, spr, *maps[2:])
             scale, pad = params[:, None, None, :2], params[:, None, None, 2:]
             valid = tf.sequence_mask(dec.num_people, spr.max_people)
             poses = tf.where(valid[:, :, None, None], (dec.poses - pad) / scale, 0.0)
@@ -106,8 +107,9 @@ def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
     class SprDecode(keras.layers.Layer):
         """The in-graph SPR decoder as a layer, so the whole Keras model converts."""
 
-        def call(self, root, disp):
-            dec = decode(tf.cast(root, tf.float32), tf.cast(disp, tf.float32), cfg.skeleton, cfg.spr)
+        def call(self, root, disp, heatmaps=None):
+            dec = decode(tf.cast(root, tf.float32), tf.cast(disp, tf.float32), cfg.skeleton, cfg.spr,
+                         None if heatmaps is None else tf.cast(heatmaps, tf.float32))
             return {"poses": dec.poses, "scores": dec.scores, "roots": dec.roots,
                     "num_people": dec.num_people}
 
@@ -121,7 +123,8 @@ def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
     images = keras.Input((H, W, 3), batch_size=1, name="image")
     maps = model(images)
     try:
-        blob = convert(keras.Model(images, SprDecode(name="spr_decode")(maps["root"], maps["disp"])))
+        blob = convert(keras.Model(images, SprDecode(name="spr_decode")(maps["root"], maps["disp"],
+                                                                         maps.get("heatmaps"))))
         meta["decoder_inside"] = True
         meta["outputs"] = "poses [1,K,J,2] network-input pixels, scores [1,K], roots [1,K,2], num_people [1]"
     except Exception as e:  # the converter raises several internal error types

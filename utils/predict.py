@@ -18,7 +18,9 @@ maps back (left and right channels swapped, x displacements negated: ``nets.spr.
 Multi-scale testing (``scales=(0.5, 1, 2)``) runs the network on the letterboxed batch resized by
 each factor (to a multiple of 32), resizes every scale's maps to the maps of scale 1 (the
 displacements multiplied by the ratio of the map sizes, so they stay in scale-1 map pixels).
-All maps are averaged and decoded once (:func:`network_maps`).
+All maps are averaged and decoded once (:func:`network_maps`). A model trained with
+``--joint-heatmaps`` has a third map, mirrored (``nets.spr.flip_heatmaps``), resized and averaged
+the same way, and the decoder snaps joints to its peaks.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataset.letterbox import letterbox_image, letterbox_params, to_original
 from dataset.pipeline import ImageError, InputPipeline, read_rgb
 from dataset.records import ImageRecord
 from nets.spm_model import build_spm_model
-from nets.spr import flip_maps, make_decoder, z_factor
+from nets.spr import flip_heatmaps, flip_maps, make_decoder, z_factor
 
 WEIGHT_FILES = ("best.weights.h5", "final.weights.h5")
 
@@ -139,13 +141,14 @@ def _scaled_size(size, scale: float, multiple: int = 32):
 
 
 def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: Sequence[float] = (1.0,)):
-    """float32 ``(root, disp)`` maps of a letterboxed batch [B, H, W, 3], at the maps' size of
-    ``images``: the average over ``scales`` (and, with ``flip``, over the mirrored images, their
-    maps mirrored back). The one flip and scale averaging of the repository: the predictor and
-    the exported model both call it."""
+    """float32 ``(root, disp)`` maps of a letterboxed batch [B, H, W, 3], or ``(root, disp,
+    heatmaps)`` for a model with joint heatmaps, at the maps' size of ``images``: the average
+    over ``scales`` (and, with ``flip``, over the mirrored images, their maps mirrored back).
+    The one flip and scale averaging of the repository: the predictor and the exported model
+    both call it."""
     shape = tf.shape(images)
     map_hw = tf.stack([shape[1] // 4, shape[2] // 4])
-    roots, disps = [], []
+    roots, disps, heats = [], [], []
     for scale in scales:
         x = images
         if scale != 1.0:
@@ -155,16 +158,22 @@ def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: 
         for view, mirrored in views:
             out = model(view, training=False)
             root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
+            heat = tf.cast(out["heatmaps"], tf.float32) if "heatmaps" in out else None
             if mirrored:
                 root, disp = flip_maps(root, disp, skeleton)
+                heat = None if heat is None else flip_heatmaps(heat, skeleton)
             if scale != 1.0:
                 # back to the scale-1 map: positions and displacements scale by the size ratio
                 ratio = tf.cast(map_hw, tf.float32) / tf.cast(tf.shape(disp)[1:3], tf.float32)
                 root = tf.image.resize(root, map_hw, method="bilinear")
                 disp = tf.image.resize(disp, map_hw, method="bilinear") * tf.tile(ratio[::-1], [skeleton.num_joints])
+                heat = None if heat is None else tf.image.resize(heat, map_hw, method="bilinear")
             roots.append(root)
             disps.append(disp)
-    return tf.add_n(roots) / len(roots), tf.add_n(disps) / len(disps)
+            if heat is not None:
+                heats.append(heat)
+    maps = (tf.add_n(roots) / len(roots), tf.add_n(disps) / len(disps))
+    return maps + (tf.add_n(heats) / len(heats),) if heats else maps
 
 
 class Predictor:
@@ -180,7 +189,8 @@ class Predictor:
                                 input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         # The decoder alone is compiled with XLA (about 2.5x faster on CPU, nets/spr.py); the
         # network is left to the regular graph. Each new map size traces once.
-        self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True)
+        self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True,
+                                   heatmaps=cfg.model.joint_heatmaps)
 
     def __call__(self, images):
         """:class:`nets.spr.Decoded` of a float32 batch [B, H, W, 3] (0..255, letterboxed)."""

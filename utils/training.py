@@ -193,8 +193,6 @@ class Trainer:
             before anything else sees them (tests inject non-finite gradients with it).
     """
 
-    LOSS_KEYS = ("total", "root", "disp")
-
     def __init__(self, cfg: Config, strategy: Optional[tf.distribute.Strategy] = None,
                  run_dir: Optional[str] = None,
                  evaluate_fn: Optional[Callable[[keras.Model, Config], Dict[str, Any]]] = None,
@@ -209,6 +207,7 @@ class Trainer:
         self.gradient_hook = gradient_hook
         self._evaluators: Dict[bool, Evaluator] = {}      # per epoch (subset) and final (all)
         self._check_run_dir_config()
+        self.loss_keys = ("total", "root", "disp") + (("joints",) if cfg.model.joint_heatmaps else ())
 
         self.pipeline = pipeline if pipeline is not None else InputPipeline(cfg, "train")
         self.num_examples = len(self.pipeline)
@@ -358,7 +357,7 @@ class Trainer:
         def train_call(iterator, num_steps):
             """``num_steps`` steps; summed losses, the first bad step (-1: none) and the
             number of steps whose update was skipped for a non-finite gradient (float16)."""
-            sums = {k: tf.constant(0.0, tf.float32) for k in self.LOSS_KEYS}
+            sums = {k: tf.constant(0.0, tf.float32) for k in self.loss_keys}
             first_bad = tf.constant(-1, tf.int64)
             skipped = tf.constant(0, tf.int64)
             for _ in tf.range(num_steps):
@@ -366,13 +365,13 @@ class Trainer:
                 step = self.step.assign_add(1)
                 losses, finite = strategy.run(step_fn, args=(images, labels, step))
                 losses = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, losses[k], axis=None)
-                          for k in self.LOSS_KEYS}
+                          for k in self.loss_keys}
                 finite = strategy.experimental_local_results(finite)[0]
                 loss_ok = tf.reduce_all([tf.math.is_finite(v) for v in losses.values()])
                 bad = tf.logical_not(loss_ok) if loss_scaling else tf.logical_not(loss_ok & finite)
                 first_bad = tf.where((first_bad < 0) & bad, step, first_bad)
                 skipped += tf.cast(tf.logical_not(finite) & loss_ok, tf.int64) if loss_scaling else 0
-                sums = {k: sums[k] + losses[k] for k in self.LOSS_KEYS}
+                sums = {k: sums[k] + losses[k] for k in self.loss_keys}
             out = {**sums, "first_bad": first_bad, "skipped": skipped, "step": self.step.read_value(),
                    "lr": tf.cast(opt.learning_rate, tf.float32)}
             if loss_scaling:
@@ -414,10 +413,10 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss or update at step {bad} (epoch {bad // self.steps_per_epoch + 1}): "
                 f"mean over the last {num_steps} steps " +
-                ", ".join(f"{k}={float(out[k]) / num_steps:.4g}" for k in self.LOSS_KEYS) +
+                ", ".join(f"{k}={float(out[k]) / num_steps:.4g}" for k in self.loss_keys) +
                 f"; the last good checkpoint is kept in {self._run_ckpt_dir}; try a lower --lr or "
                 f"--grad-clip-norm")
-        result = {k: float(out[k]) / num_steps for k in self.LOSS_KEYS}
+        result = {k: float(out[k]) / num_steps for k in self.loss_keys}
         result.update(lr=float(out["lr"]), step=int(out["step"]), skipped=int(out["skipped"]))
         if "loss_scale" in out:
             result["loss_scale"] = float(out["loss_scale"])
@@ -452,13 +451,13 @@ class Trainer:
                 losses = self.run_steps(data_iter, num)
                 logged, step = step, losses.pop("step")
                 skipped_updates += losses.pop("skipped")
-                for k in self.LOSS_KEYS:
+                for k in self.loss_keys:
                     sums[k] = sums.get(k, 0.0) + losses[k] * num
                 n += num
                 progress.update(step - epoch * self.steps_per_epoch, losses)
                 if step // log_every > logged // log_every:
                     with self.writer.as_default(step=step):
-                        for k in self.LOSS_KEYS:
+                        for k in self.loss_keys:
                             tf.summary.scalar(f"loss/{k}", losses[k])
                         tf.summary.scalar("learning_rate", losses["lr"])
                         if "loss_scale" in losses:
