@@ -571,33 +571,36 @@ def snap_to_peaks(points, joints: Sequence[int], heat_flat, peaks_flat, h, w, ra
         [B, K, n] (the peak's value, or the value of the cell holding the regressed position; 0
         outside the map).
     """
-    batch = tf.shape(points)[0]
-    shape = tf.shape(points)[:3]
-    finite = tf.reduce_all(tf.math.is_finite(points), axis=-1)
-    pts = tf.where(finite[..., None], points, 0.0)
-    jn = tf.constant(list(joints), tf.int32)[None, None, :]
+    # Rank 4 at most below (TFLite's broadcasting ops abort on rank 5): [B, K, n] -> [B, M].
+    batch, people, n = tf.shape(points)[0], tf.shape(points)[1], len(joints)
+    pts = tf.reshape(points, [batch, -1, 2])                                  # [B, M, 2]
+    finite = tf.reduce_all(tf.math.is_finite(pts), axis=-1)                   # [B, M]
+    pts = tf.where(finite[..., None], pts, 0.0)
+    jn = tf.tile(tf.constant(list(joints), tf.int32), [people])[None, :]       # [1, M]
     wf, hf = tf.cast(w, tf.float32), tf.cast(h, tf.float32)
 
-    def value_at(xi, yi):                       # int32 cells, clamped into the map
+    def value_at(xi, yi):                       # int32 cells [B, M], clamped into the map
         xi, yi = tf.clip_by_value(xi, 0, w - 1), tf.clip_by_value(yi, 0, h - 1)
-        index = tf.reshape((jn * h + yi) * w + xi, [batch, -1])
-        return tf.reshape(tf.gather(heat_flat, index, batch_dims=1), shape)
+        return tf.gather(heat_flat, (jn * h + yi) * w + xi, batch_dims=1)
 
     def cell_of(v, size):
         return tf.cast(tf.clip_by_value(tf.floor(v), 0.0, size - 1.0), tf.int32)
 
+    def back(t, *tail):                         # [B, M, ...] -> [B, K, n, ...]
+        return tf.reshape(t, tf.stack([batch, people, n, *tail]))
+
     inside = finite & (pts[..., 0] >= 0) & (pts[..., 0] < wf) & (pts[..., 1] >= 0) & (pts[..., 1] < hf)
     here = tf.where(inside, value_at(cell_of(pts[..., 0], wf), cell_of(pts[..., 1], hf)), 0.0)
     if radius <= 0:
-        return points, here
+        return points, back(here)
     size = int(math.floor(2.0 * radius)) + 1
     offsets = tf.range(size, dtype=tf.float32)
     first = tf.math.ceil(pts - radius - 0.5)
-    cols = first[..., 0, None] + offsets                                       # [B, K, n, S]
+    cols = first[..., 0, None] + offsets                                       # [B, M, S]
     rows = first[..., 1, None] + offsets
     dx = cols + 0.5 - pts[..., 0, None]
     dy = rows + 0.5 - pts[..., 1, None]
-    d2 = tf.square(dy)[..., :, None] + tf.square(dx)[..., None, :]             # [B, K, n, S, S]
+    d2 = tf.square(dy)[..., :, None] + tf.square(dx)[..., None, :]             # [B, M, S, S]
     near = ((d2 <= radius * radius)
             & ((rows >= 0) & (rows < hf))[..., :, None] & ((cols >= 0) & (cols < wf))[..., None, :]
             & finite[..., None, None])
@@ -607,13 +610,14 @@ def snap_to_peaks(points, joints: Sequence[int], heat_flat, peaks_flat, h, w, ra
     values = tf.reshape(tf.gather(peaks_flat, tf.reshape(index, [batch, -1]), batch_dims=1),
                         tf.shape(index))
     # the nearest confident peak (CenterNet's rule): a neighbour's stronger peak does not win
-    key = tf.where(near & (values > threshold), d2, np.inf)
-    key = tf.reshape(key, tf.concat([shape, [size * size]], 0))
-    best = tf.argmin(key, axis=-1, output_type=tf.int32)
-    confident = tf.math.is_finite(tf.reduce_min(key, axis=-1))
-    top = tf.gather(tf.reshape(values, tf.shape(key)), best, batch_dims=3)
-    px = tf.gather(ci, best % size, batch_dims=3)
-    py = tf.gather(ri, best // size, batch_dims=3)
+    # (no inf constants: TFLite stores them as the largest float, which is finite)
+    candidate = tf.reshape(near & (values > threshold), [batch, -1, size * size])
+    key = tf.where(candidate, tf.reshape(d2, tf.shape(candidate)), 2.0 * size * size)
+    best = tf.argmin(key, axis=-1, output_type=tf.int32)                       # [B, M]
+    confident = tf.reduce_any(candidate, axis=-1)
+    top = tf.gather(tf.reshape(values, tf.shape(key)), best, batch_dims=2)
+    px = tf.gather(ci, best % size, batch_dims=2)
+    py = tf.gather(ri, best // size, batch_dims=2)
 
     def apex(lo, mid, hi):                      # parabola through the logs at -1, 0, 1
         lo, mid, hi = (tf.math.log(tf.maximum(v, 1e-10)) for v in (lo, mid, hi))
@@ -625,7 +629,8 @@ def snap_to_peaks(points, joints: Sequence[int], heat_flat, peaks_flat, h, w, ra
     ox = apex(value_at(px - 1, py), centre, value_at(px + 1, py))
     oy = apex(value_at(px, py - 1), centre, value_at(px, py + 1))
     snapped = tf.stack([tf.cast(px, tf.float32) + 0.5 + ox, tf.cast(py, tf.float32) + 0.5 + oy], axis=-1)
-    return (tf.where(confident[..., None], snapped, points), tf.where(confident, top, here))
+    return (tf.where(back(confident)[..., None], back(snapped, 2), points),
+            back(tf.where(confident, top, here)))
 
 
 def decode(root, disp, skeleton: Skeleton, spr_cfg, heatmaps=None) -> Decoded:
@@ -696,7 +701,8 @@ def decode(root, disp, skeleton: Skeleton, spr_cfg, heatmaps=None) -> Decoded:
         if heatmaps is not None:
             support = tf.reduce_mean(tf.stack(joint_values, axis=2), axis=2)
             scores = tf.where(valid, tf.sqrt(scores * tf.maximum(support, 0.0)), 0.0)
-            order = tf.argsort(tf.where(valid, scores, -1.0), axis=1, direction="DESCENDING", stable=True)
+            # top_k, not argsort: it orders ties by index too, and TFLite runs it
+            _, order = tf.math.top_k(tf.where(valid, scores, -1.0), k=k, sorted=True)
             poses, scores, roots = (tf.gather(t, order, batch_dims=1) for t in (poses, scores, roots))
         return Decoded(poses, scores, num_people, roots)
 

@@ -215,3 +215,27 @@ def test_exported_model_gives_the_refined_poses_of_the_python_path(tmp_path):
         np.testing.assert_allclose(np.sort(got["scores"][b, :n]), np.sort(want[b].scores), atol=1e-4)
         moved = max(moved, np.abs(want[b].poses - unsnapped[b].poses[:len(want[b].poses)]).max())
     assert moved > 0.5                  # the refinement did move joints: the test compares it
+
+
+def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
+    from training_helpers import random_head_run
+    from utils import export, predict
+
+    run_dir = str(tmp_path / "run")
+    random_head_run(run_dir, joint_heatmaps=True, score_threshold=0.0, max_people=6, nms_window=3,
+                    snap_radius=3.0, snap_threshold=0.0)
+    model, cfg = predict.load_trained_model(run_dir)
+    path = str(tmp_path / "spm.tflite")
+    meta = export.export_tflite(model, cfg, path)
+    assert meta["decoder_inside"], meta.get("decoder_error")
+    interp = tf.lite.Interpreter(model_path=path)
+    interp.allocate_tensors()
+    image = np.random.default_rng(8).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    interp.set_tensor(interp.get_input_details()[0]["index"], image[None].astype(np.float32))
+    interp.invoke()
+    outs = [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
+    poses = next(v for v in outs if v.ndim == 4 and v.shape[-1] == 2)[0]
+    want, = predict.predict_images(predict.Predictor(model, cfg), [image])
+    assert len(want.poses) > 0
+    for pose in want.poses:
+        assert np.abs(poses[:len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 1e-2
