@@ -83,7 +83,7 @@ class SprConfig:
     gather: str = "bilinear"          # nearest | bilinear reading of the displacement maps
     # Joint heatmaps (--joint-heatmaps, beyond the paper): targets and snapping
     joint_sigma: float = 1.5          # Gaussian of each joint's heatmap, output-map pixels, centred on the exact joint
-    snap_radius: float = 2.0          # a regressed joint moves to a heatmap peak at most this far (output-map pixels)
+    snap_radius: float = 5.0          # a regressed joint moves to the nearest heatmap peak at most this far (output-map pixels; README)
     snap_threshold: float = 0.1       # ... when that peak's value exceeds this; otherwise it stays where regressed
 
 
