@@ -160,3 +160,50 @@ def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):
     assert out["host_bytes_per_image"] == 64 * 64 * 3 + labels
     assert out["target_bytes_per_image_if_sent"] == 16 * 16 * (1 + 1 + 2 * J + 2 * J) * 4
     assert set(out["stage_ms_per_image"]) >= {"decode_jpeg", "augment_batch", "batch_total"}
+
+
+def test_recipe_variants_keep_the_preset_geometry_and_scale_its_schedule():
+    """``benchmark.py recipe``: each variant is the preset at its own input size and SPR settings
+    with the rehearsal's trunk, the step schedule's decays at the preset's fractions of the run."""
+    import argparse
+
+    from tools.benchmarks.recipe import DEFAULT_VARIANTS, parse_variant, variant_config
+
+    args = argparse.Namespace(backbone="hrnet_tiny", head_channels=32, head_blocks=1, batch_size=4,
+                              steps=400, evals=2, val_images=50, seed=0, input=0, synthetic_dir="",
+                              synthetic_images="")
+    configs = {}
+    for text in DEFAULT_VARIANTS:
+        name, fields = parse_variant(text)
+        configs[name] = variant_config("ai_challenger_w32_512", fields, args, "/tmp/unused")
+    paper, cosine = configs["paper"], configs["disp1_focal_cosine"]
+    assert (paper.data.input_height, paper.spr.sigma, paper.spr.tau) == (512, 7.0, 7.0)
+    assert paper.model.backbone == "hrnet_tiny" and paper.data.dataset == "synthetic"
+    assert paper.loss.disp_loss_weight == 0.01 and paper.loss.root_loss == "l2"
+    assert paper.train.steps_per_epoch * paper.train.epochs == 400
+    assert paper.train.lr_decay_epochs == (6, 8)                     # 90 and 120 of 150 epochs
+    assert cosine.train.lr_schedule == "cosine" and cosine.train.warmup_steps == 20
+    assert configs["disp1_focal_cosine_heatmaps"].model.joint_heatmaps
+    assert {c.loss.disp_loss_weight for c in configs.values()} == {0.01, 0.1, 1.0}
+    with pytest.raises(SystemExit, match="not name:field=value"):
+        parse_variant("no_colon")
+    with pytest.raises(SystemExit, match="unknown config field"):
+        variant_config("ai_challenger_w32_512", {"no_such_field": "1"}, args, "/tmp/unused")
+
+
+def test_recipe_trains_each_variant_and_reports_its_score_curve(tmp_path):
+    """A short rehearsal end to end: a variant trained and scored twice by the training loop's
+    evaluator (the other variant is left out by --only); the table's numbers are the curve's end."""
+    r = _run("benchmark.py", "recipe", "--steps", "20", "--evals", "2", "--batch-size", "2",
+             "--input", "64", "--val-images", "2", "--synthetic-dir", str(tmp_path / "synth"),
+             "--synthetic-images", "8,4", "--head-channels", "8",
+             "--variants", "a:disp_loss_weight=0.01", "b:disp_loss_weight=1.0,joint_heatmaps=true",
+             "--only", "b", "--out", str(tmp_path / "recipe.json"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.load(open(tmp_path / "recipe.json"))
+    assert [row["variant"] for row in out["rows"]] == ["b"] and out["input"] == "64x64"
+    for row in out["rows"]:
+        assert row["steps"] == 20 and [c["step"] for c in row["curve"]] == [10, 20]
+        assert row["score"] == row["curve"][-1]["score"] and 0.0 <= row["score"] <= 1.0
+        assert row["seconds"] > 0
+    assert "| b | 20 |" in r.stdout and "| a |" not in r.stdout

@@ -70,6 +70,13 @@ def variant_config(preset: str, fields: Dict[str, str], args, run_dir: str):
         batch_size=args.batch_size, epochs=EPOCHS, steps_per_epoch=args.steps // EPOCHS,
         lr_decay_epochs=decay, eval_every_epochs=EPOCHS // args.evals, max_val_images=args.val_images,
         deterministic=True, seed=args.seed, run_dir=run_dir, steps_per_call=10, log_every_steps=10 ** 9)
+    if args.input:
+        cfg = cfg.replace(input_height=args.input, input_width=args.input)
+    if args.synthetic_dir:
+        cfg = cfg.replace(synthetic_dir=args.synthetic_dir)
+    if args.synthetic_images:
+        train, val = (int(v) for v in args.synthetic_images.split(","))
+        cfg = cfg.replace(synthetic_train_images=train, synthetic_val_images=val)
     try:
         cfg = cfg.replace(**fields)
         if cfg.train.lr_schedule == "cosine" and "warmup_steps" not in fields:
@@ -111,6 +118,10 @@ def run_benchmark(name: str, argv: List[str]) -> Dict:
     parser.add_argument("--head-channels", type=int, default=32)
     parser.add_argument("--head-blocks", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input", type=int, default=0, help="square input size (default: the preset's)")
+    parser.add_argument("--synthetic-dir", default="", help="synthetic set cache (default: the config's)")
+    parser.add_argument("--synthetic-images", default="", metavar="TRAIN,VAL",
+                        help="synthetic set size (default: the config's 2000,200)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME:FIELD=VALUE,...")
     parser.add_argument("--only", default="", help="comma-separated names of the variants to run")
     parser.add_argument("--out", default="", help="also write the result here (json)")
