@@ -207,3 +207,20 @@ def test_recipe_trains_each_variant_and_reports_its_score_curve(tmp_path):
         assert row["score"] == row["curve"][-1]["score"] and 0.0 <= row["score"] <= 1.0
         assert row["seconds"] > 0
     assert "| b | 20 |" in r.stdout and "| a |" not in r.stdout
+
+
+def test_plot_history_draws_a_run_and_refuses_a_folder_without_one(tmp_path):
+    from training_helpers import tiny_config
+
+    run = tmp_path / "run"
+    tiny_config(str(run), joint_heatmaps=True).save(str(run))
+    history = [{"epoch": e, "step": 10 * e, "loss_root": 2.0 / e, "loss_disp": 30.0 / e, "loss_joints": 90.0 / e,
+                "score": 0.1 * e, "ap50": 0.2 * e, "ap75": 0.05 * e} for e in (1, 2, 3)]
+    (run / "history.json").write_text(json.dumps(history))
+    r = _run("plot_history.py", "--run", run, "--out", tmp_path / "curve.png")
+    assert r.returncode == 0, r.stderr[-2000:]
+    picture = cv2.imread(str(tmp_path / "curve.png"))
+    assert picture is not None and picture.shape[1] > 600 and picture.std() > 10
+    assert json.loads(r.stdout.strip().splitlines()[-1])["score"] == pytest.approx(0.3)
+    bad = _run("plot_history.py", "--run", tmp_path / "empty", "--out", tmp_path / "x.png")
+    assert bad.returncode == 2 and "no history" in bad.stderr and "Traceback" not in bad.stderr
