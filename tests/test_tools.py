@@ -171,7 +171,7 @@ def test_recipe_variants_keep_the_preset_geometry_and_scale_its_schedule():
 
     args = argparse.Namespace(backbone="hrnet_tiny", head_channels=32, head_blocks=1, batch_size=4,
                               steps=400, evals=2, val_images=50, seed=0, input=0, synthetic_dir="",
-                              synthetic_images="")
+                              synthetic_images="", lr=0.0, tiny_width=16)
     configs = {}
     for text in DEFAULT_VARIANTS:
         name, fields = parse_variant(text)

@@ -72,6 +72,9 @@ def variant_config(preset: str, fields: Dict[str, str], args, run_dir: str):
         deterministic=True, seed=args.seed, run_dir=run_dir, steps_per_call=10, log_every_steps=10 ** 9)
     if args.input:
         cfg = cfg.replace(input_height=args.input, input_width=args.input)
+    if args.lr:
+        cfg = cfg.replace(lr=args.lr)
+    cfg = cfg.replace(tiny_width=args.tiny_width, tiny_stem_channels=2 * args.tiny_width)
     if args.synthetic_dir:
         cfg = cfg.replace(synthetic_dir=args.synthetic_dir)
     if args.synthetic_images:
@@ -117,6 +120,9 @@ def run_benchmark(name: str, argv: List[str]) -> Dict:
     parser.add_argument("--backbone", default="hrnet_tiny")
     parser.add_argument("--head-channels", type=int, default=32)
     parser.add_argument("--head-blocks", type=int, default=1)
+    parser.add_argument("--tiny-width", type=int, default=16, help="hrnet_tiny branch width (narrower: faster)")
+    parser.add_argument("--lr", type=float, default=0.0,
+                        help="learning rate (default: the preset's; the rehearsal's trunk and batch are not the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--input", type=int, default=0, help="square input size (default: the preset's)")
     parser.add_argument("--synthetic-dir", default="", help="synthetic set cache (default: the config's)")
