@@ -612,7 +612,10 @@ def snap_to_peaks(points, joints: Sequence[int], heat_flat, peaks_flat, h, w, ra
     # the nearest confident peak (CenterNet's rule): a neighbour's stronger peak does not win
     # (no inf constants: TFLite stores them as the largest float, which is finite)
     candidate = tf.reshape(near & (values > threshold), [batch, -1, size * size])
-    key = tf.where(candidate, tf.reshape(d2, tf.shape(candidate)), 2.0 * size * size)
+    # (ties, e.g. a joint regressed onto a cell centre between two peaks, go to the first
+    # candidate in row-major order in TensorFlow and TFLite alike: a 1e-5 per index tie-break)
+    key = tf.where(candidate, tf.reshape(d2, tf.shape(candidate)) + 1e-5 * tf.range(size * size, dtype=tf.float32),
+                   2.0 * size * size)
     best = tf.argmin(key, axis=-1, output_type=tf.int32)                       # [B, M]
     confident = tf.reduce_any(candidate, axis=-1)
     top = tf.gather(tf.reshape(values, tf.shape(key)), best, batch_dims=2)

@@ -37,3 +37,24 @@ def test_per_epoch_evaluation_uses_a_fixed_seeded_subset(tmp_path):
     aic, coco = get_preset("ai_challenger_w32_512"), get_preset("coco_w32_512")
     assert (aic.train.eval_every_epochs, aic.data.max_val_images) == (5, 3000)
     assert coco.spr.score_threshold < aic.spr.score_threshold
+
+
+def test_the_training_loop_scores_with_flip_testing_when_configured(tmp_path):
+    """--eval-flip: the loop's score is the flip-tested score of its model (the tiny preset's)."""
+    from config import get_preset
+    from dataset.synthetic import ensure_synthetic_dataset
+    from training_helpers import randomise_output_kernels, synthetic_config
+    from utils.evaluation import evaluate_model
+    from utils.training import Trainer
+
+    assert get_preset("tiny_synthetic").train.eval_flip
+    cfg = synthetic_config(str(tmp_path / "run"), str(tmp_path / "synth"), eval_flip=True, joint_heatmaps=True,
+                           score_threshold=0.0, lr=0.0)
+    ensure_synthetic_dataset(cfg)
+    trainer = Trainer(cfg)
+    randomise_output_kernels(trainer.model, std=0.3)
+    got = trainer.evaluate(final=True)
+    flipped, plain = evaluate_model(trainer.model, cfg, flip=True), evaluate_model(trainer.model, cfg)
+    assert got["predicted_people"] == flipped["predicted_people"]
+    assert got["score"] == flipped["score"]
+    assert (plain["predicted_people"], plain["score"]) != (flipped["predicted_people"], flipped["score"])

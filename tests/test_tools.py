@@ -158,7 +158,8 @@ def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):
     J, P = 17, 32                                      # COCO joints, default person slots
     labels = P * J * 3 * 4 + P * 4 * 4 + 16 * 2 + 2 * 4  # keypoints, boxes, ignore bits (16 x 16 cells), colour
     assert out["host_bytes_per_image"] == 64 * 64 * 3 + labels
-    assert out["target_bytes_per_image_if_sent"] == 16 * 16 * (1 + 1 + 2 * J + 2 * J) * 4
+    # root, root weight, displacements and their weights, joint heatmaps and theirs (the preset's)
+    assert out["target_bytes_per_image_if_sent"] == 16 * 16 * (1 + 1 + 2 * J + 2 * J + J + J) * 4
     assert set(out["stage_ms_per_image"]) >= {"decode_jpeg", "augment_batch", "batch_total"}
 
 

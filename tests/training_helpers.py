@@ -27,11 +27,13 @@ def subprocess_env(**extra):
 
 
 def tiny_config(run_dir: str = "", **overrides):
-    """hrnet_tiny at 64x64, batch 2 per replica; everything else from the tiny preset."""
+    """hrnet_tiny at 64x64, batch 2 per replica, the step schedule without warm-up and the paper's
+    two heads (``joint_heatmaps=True`` for the preset's third: tests/test_heatmaps.py and the
+    replica test); everything else from the tiny preset."""
     base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8,
                 tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0,
                 epochs=1, steps_per_epoch=2, lr=1e-3, lr_decay_epochs=(), log_every_steps=1,
-                run_dir=run_dir)
+                lr_schedule="step", warmup_steps=0, joint_heatmaps=False, run_dir=run_dir)
     base.update(overrides)
     return get_preset("tiny_synthetic").replace(**base)
 
@@ -132,7 +134,9 @@ def randomise_output_kernels(model, std=0.01, seed=0):
     """The output kernels start at zero (nets/spm_model.py), which stops every gradient below
     them in the first step; random ones make one step move every layer."""
     rng = np.random.default_rng(seed)
-    for name in ("head.root.out", "head.disp.out"):
+    for name in ("head.root.out", "head.disp.out", "head.joints.out"):
+        if name == "head.joints.out" and not any(layer.name == name for layer in model.layers):
+            continue
         layer = model.get_layer(name)
         kernel, bias = layer.get_weights()
         layer.set_weights([rng.normal(0, std, kernel.shape).astype(np.float32), bias])
@@ -187,7 +191,8 @@ def run_mode(mode: str, out: str, *extra: str):
         # compared is the all-reduce, the loss normalisation and the finite decision, not the
         # numerics of synchronised BatchNorm.
         for precision in ("", "float16"):
-            common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1)
+            common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1,
+                          joint_heatmaps=True)      # the default run's three heads
             cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4, **common)
             cfg1 = synthetic_config(os.path.join(out, f"one{precision}"), extra[0], batch_size=8, **common)
             images, labels = fixed_batch(cfg1, 4)

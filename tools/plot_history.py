@@ -38,10 +38,10 @@ def main(argv=None) -> int:
         return 2
     cfg = load_config(args.run)
 
-    import matplotlib
+    import matplotlib  # noqa: E402  (loaded after the argument checks; the backend is set before pyplot)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
+    from matplotlib.ticker import MaxNLocator  # noqa: E402  (likewise)
 
     scored = [h for h in history if "score" in h]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))

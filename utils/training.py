@@ -519,7 +519,7 @@ class Trainer:
                 result = self.evaluate_fn(self.model, self.cfg)
             else:
                 if final not in self._evaluators:
-                    self._evaluators[final] = Evaluator(self.cfg, subset=not final)
+                    self._evaluators[final] = Evaluator(self.cfg, flip=self.cfg.train.eval_flip, subset=not final)
                 result = self._evaluators[final](self.model, writer=self.writer, step=int(self.step.numpy()))
         if self.replicas > 1:
             # The score travels in an all-reduce that the other workers are already waiting in:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from typing import Any, Dict, List, Tuple
 
+from config import get_preset
+
 DEFAULT_VARIANTS = (
     "paper:disp_loss_weight=0.01,root_loss=l2,lr_schedule=step",
     "disp0.1:disp_loss_weight=0.1,root_loss=l2,lr_schedule=step",
@@ -59,7 +61,6 @@ def parse_variant(text: str) -> Tuple[str, Dict[str, str]]:
 
 def variant_config(preset: str, fields: Dict[str, str], args, run_dir: str):
     """The preset at its own geometry with the rehearsal's trunk, budget and data, then the variant."""
-    from config import get_preset
 
     base = get_preset(preset)
     total = base.train.epochs
@@ -90,9 +91,9 @@ def variant_config(preset: str, fields: Dict[str, str], args, run_dir: str):
 
 
 def run_variant(name: str, cfg) -> Dict[str, Any]:
-    import keras
+    import keras  # noqa: E402  (TensorFlow loads only when a variant runs, not for --help)
 
-    from utils.training import Trainer
+    from utils.training import Trainer  # noqa: E402  (likewise)
 
     keras.utils.set_random_seed(cfg.data.seed)
     start = time.perf_counter()
