@@ -27,13 +27,13 @@ def subprocess_env(**extra):
 
 
 def tiny_config(run_dir: str = "", **overrides):
-    """hrnet_tiny at 64x64, batch 2 per replica, the step schedule without warm-up and the paper's
+    """hrnet_tiny at 64x64, batch 2 per replica, the step schedule without warm-up, the paper's
     two heads (``joint_heatmaps=True`` for the preset's third: tests/test_heatmaps.py and the
-    replica test); everything else from the tiny preset."""
+    replica test) and the plain score (no flip testing); everything else from the tiny preset."""
     base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8,
                 tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0,
                 epochs=1, steps_per_epoch=2, lr=1e-3, lr_decay_epochs=(), log_every_steps=1,
-                lr_schedule="step", warmup_steps=0, joint_heatmaps=False, run_dir=run_dir)
+                lr_schedule="step", warmup_steps=0, joint_heatmaps=False, eval_flip=False, run_dir=run_dir)
     base.update(overrides)
     return get_preset("tiny_synthetic").replace(**base)
 
