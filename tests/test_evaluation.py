@@ -47,7 +47,10 @@ def test_the_training_loop_scores_with_flip_testing_when_configured(tmp_path):
     from utils.evaluation import evaluate_model
     from utils.training import Trainer
 
+    import keras
+
     assert get_preset("tiny_synthetic").train.eval_flip
+    keras.utils.set_random_seed(0)            # the same random heads whatever ran before
     cfg = synthetic_config(str(tmp_path / "run"), str(tmp_path / "synth"), eval_flip=True, joint_heatmaps=True,
                            score_threshold=0.0, lr=0.0)
     ensure_synthetic_dataset(cfg)
