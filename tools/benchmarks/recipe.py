@@ -61,26 +61,29 @@ def parse_variant(text: str) -> Tuple[str, Dict[str, str]]:
 
 def variant_config(preset: str, fields: Dict[str, str], args, run_dir: str):
     """The preset at its own geometry with the rehearsal's trunk, budget and data, then the variant."""
-
     base = get_preset(preset)
     total = base.train.epochs
     decay = tuple(max(1, round(e * EPOCHS / total)) for e in base.train.lr_decay_epochs if e < total)
-    cfg = base.replace(
+    overrides: Dict[str, Any] = dict(
         dataset="synthetic", skeleton="ai_challenger", train_json="", train_images="", val_json="",
         val_images="", backbone=args.backbone, head_channels=args.head_channels, head_blocks=args.head_blocks,
+        tiny_width=args.tiny_width, tiny_stem_channels=2 * args.tiny_width,
         batch_size=args.batch_size, epochs=EPOCHS, steps_per_epoch=args.steps // EPOCHS,
         lr_decay_epochs=decay, eval_every_epochs=EPOCHS // args.evals, max_val_images=args.val_images,
         deterministic=True, seed=args.seed, run_dir=run_dir, steps_per_call=10, log_every_steps=10 ** 9)
     if args.input:
-        cfg = cfg.replace(input_height=args.input, input_width=args.input)
+        overrides.update(input_height=args.input, input_width=args.input)
     if args.lr:
-        cfg = cfg.replace(lr=args.lr)
-    cfg = cfg.replace(tiny_width=args.tiny_width, tiny_stem_channels=2 * args.tiny_width)
+        overrides["lr"] = args.lr
     if args.synthetic_dir:
-        cfg = cfg.replace(synthetic_dir=args.synthetic_dir)
+        overrides["synthetic_dir"] = args.synthetic_dir
     if args.synthetic_images:
-        train, val = (int(v) for v in args.synthetic_images.split(","))
-        cfg = cfg.replace(synthetic_train_images=train, synthetic_val_images=val)
+        try:
+            train, val = (int(v) for v in args.synthetic_images.split(","))
+        except ValueError:
+            raise SystemExit(f"--synthetic-images: expected TRAIN,VAL image counts, got {args.synthetic_images!r}") from None
+        overrides.update(synthetic_train_images=train, synthetic_val_images=val)
+    cfg = base.replace(**overrides)
     try:
         cfg = cfg.replace(**fields)
         if cfg.train.lr_schedule == "cosine" and "warmup_steps" not in fields:
