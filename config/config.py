@@ -110,6 +110,7 @@ class LossConfig:
     """Losses (nets/losses.py)."""
     root_loss: str = "l2"             # l2 (paper) | focal
     disp_loss: str = "l1"             # l1 (paper) | smooth_l1
+    disp_loss_norm: str = "cells"     # cells: summed over disc cells (paper) | person: mean over each channel's supervised cells
     root_loss_weight: float = 1.0
     disp_loss_weight: float = 0.01    # beta in the paper
     smooth_l1_beta: float = 0.01      # knee of the smooth-L1, in normalised displacement units
@@ -368,6 +369,7 @@ _CHOICES = {
     "root_loss": ("l2", "focal"),
     "joint_loss": ("l2", "focal"),
     "disp_loss": ("l1", "smooth_l1"),
+    "disp_loss_norm": ("cells", "person"),
     "lr_schedule": ("step", "cosine"),
     "optimizer": ("adam", "sgd"),
     "mixed_precision": ("", "float16", "bfloat16"),

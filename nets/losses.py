@@ -35,6 +35,15 @@ value and slope are continuous at the knee (``k / 2`` and 1). Displacements are 
 units (``/ Z``, ``Z`` the output-map diagonal, nets/spr.py), so ``k = 0.01`` is about 0.9 output
 pixels on a 64x64 map and 1.8 on 128x128.
 
+``disp_loss_norm`` says what the sum is divided by. ``cells`` (the paper's form): nothing, so an
+image's displacement term grows with its number of people and with ``tau^2`` (a disc of radius
+7 holds about 154 cells, one of radius 3 about 29): crowded images dominate the gradient and the
+balance against the focal root loss (a mean over peaks) moves with the geometry. ``person``:
+each channel's sum is divided by its number of supervised cells (the discs of the people
+labelled for that joint), so each channel contributes the mean error over its people's discs
+and the term no longer depends on the people count or on ``tau`` (as CenterNet divides its
+size and offset losses by the number of objects).
+
 The weight beta = 0.01 on displacements (paper)
 -----------------------------------------------
 With L1 the gradient of one displacement entry is ``beta * disp_weight`` whatever the scale of
@@ -108,11 +117,20 @@ def smooth_l1(x: tf.Tensor, knee: float) -> tf.Tensor:
     return tf.where(ax < knee, 0.5 * tf.square(x) / knee, ax - 0.5 * knee)
 
 
-def disp_l1(pred: tf.Tensor, target: tf.Tensor, weight: tf.Tensor, knee: float = 0.0) -> tf.Tensor:
-    """Per-example weighted L1 (``knee == 0``) or smooth-L1 of the displacements. [B]."""
+def disp_l1(pred: tf.Tensor, target: tf.Tensor, weight: tf.Tensor, knee: float = 0.0,
+            norm: str = "cells") -> tf.Tensor:
+    """Per-example weighted L1 (``knee == 0``) or smooth-L1 of the displacements. [B].
+
+    ``norm``: ``cells`` sums over the supervised cells; ``person`` divides each channel's sum by
+    its supervised cells (at least 1), a mean over the people's discs (module docstring)."""
     diff = pred - target
     rho = tf.abs(diff) if knee <= 0.0 else smooth_l1(diff, knee)
-    return _per_example_sum(weight * rho)
+    if norm == "cells":
+        return _per_example_sum(weight * rho)
+    if norm != "person":
+        raise ValueError(f"unknown disp_loss_norm {norm!r}; choose 'cells' or 'person'")
+    per_channel = tf.reduce_sum(weight * rho, axis=[1, 2]) / tf.maximum(tf.reduce_sum(weight, axis=[1, 2]), 1.0)
+    return tf.reduce_sum(per_channel, axis=-1)
 
 
 def _check_shapes(targets: dict, outputs: dict) -> None:
@@ -162,7 +180,7 @@ def spm_loss(targets: Dict[str, tf.Tensor], outputs: Dict[str, tf.Tensor], loss_
     if loss_cfg.disp_loss not in ("l1", "smooth_l1"):
         raise ValueError(f"unknown disp_loss {loss_cfg.disp_loss!r}")
     knee = loss_cfg.smooth_l1_beta if loss_cfg.disp_loss == "smooth_l1" else 0.0
-    disp = disp_l1(outputs["disp"], targets["disp"], targets["disp_weight"], knee)
+    disp = disp_l1(outputs["disp"], targets["disp"], targets["disp_weight"], knee, loss_cfg.disp_loss_norm)
     scale = 1.0 / float(global_batch_size)
     root = tf.reduce_sum(root) * scale
     disp = tf.reduce_sum(disp) * scale

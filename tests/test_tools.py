@@ -177,15 +177,18 @@ def test_recipe_variants_keep_the_preset_geometry_and_scale_its_schedule():
     for text in DEFAULT_VARIANTS:
         name, fields = parse_variant(text)
         configs[name] = variant_config("ai_challenger_w32_512", fields, args, "/tmp/unused")
-    paper, cosine = configs["paper"], configs["disp1_focal_cosine"]
+    paper, cosine, preset = configs["paper"], configs["cosine"], configs["preset"]
     assert (paper.data.input_height, paper.spr.sigma, paper.spr.tau) == (512, 7.0, 7.0)
     assert paper.model.backbone == "hrnet_tiny" and paper.data.dataset == "synthetic"
     assert paper.loss.disp_loss_weight == 0.01 and paper.loss.root_loss == "l2"
     assert paper.train.steps_per_epoch * paper.train.epochs == 400
     assert paper.train.lr_decay_epochs == (6, 8)                     # 90 and 120 of 150 epochs
     assert cosine.train.lr_schedule == "cosine" and cosine.train.warmup_steps == 20
-    assert configs["disp1_focal_cosine_heatmaps"].model.joint_heatmaps
-    assert {c.loss.disp_loss_weight for c in configs.values()} == {0.01, 0.1, 1.0}
+    assert configs["heatmaps"].model.joint_heatmaps and not preset.model.joint_heatmaps
+    assert (preset.loss.disp_loss_weight, preset.loss.root_loss) == (1.0, "focal")
+    assert (preset.data.seed, configs["preset_seed1"].data.seed) == (0, 1)
+    assert configs["person"].loss.disp_loss_norm == "person" and preset.loss.disp_loss_norm == "cells"
+    assert {c.loss.disp_loss_weight for c in configs.values()} == {0.01, 1.0}
     with pytest.raises(SystemExit, match="not name:field=value"):
         parse_variant("no_colon")
     with pytest.raises(SystemExit, match="unknown config field"):
