@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from config import add_config_args, config_from_args  # noqa: E402
+from utils.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -33,7 +34,9 @@ def run_cli(args, make_strategy=None) -> int:
     """Resolve the config, train, print the summary JSON; clear errors and exit codes.
 
     ``make_strategy``: a callable returning the tf.distribute strategy (None: one device).
-    Exit codes: 0 done, 2 bad input (config, files, data), 3 non-finite loss.
+    Exit codes: 0 done, 2 bad input (config, files, data), 3 non-finite training (``--max-bad-steps``
+    consecutive skipped steps), 75 stopped by SIGTERM / SIGINT after a checkpoint (run the same
+    command again to resume; ``utils/preemption.py``).
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -52,7 +55,7 @@ def run_cli(args, make_strategy=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))
-    return 0
+    return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,6 @@ class DataConfig:
     input_height: int = 512           # network input, letterboxed
     input_width: int = 512
     batch_size: int = 8               # per replica; global batch = batch_size x replicas
-    shuffle_buffer: int = 0           # records shuffled per epoch (by index, cheap); 0 = all of them
     num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
     opencv_threads: int = 1           # cv2.setNumThreads when a pipeline starts (tf.data parallelises); 0 = OpenCV's default
     deterministic: bool = False       # deterministic order and augmentation (uses seed)
@@ -128,6 +127,7 @@ class TrainConfig:
     steps_per_epoch: int = 0          # 0 = one pass over the training set
     optimizer: str = "adam"           # adam (adamw with weight_decay > 0) | sgd (momentum 0.9)
     lr: float = 1e-3
+    lr_base_batch: int = 0            # N > 0: the rate used is lr x global batch / N (linear scaling); 0 = lr as given
     lr_schedule: str = "step"         # step (x lr_decay_factor at each lr_decay_epochs) | cosine
     lr_decay_epochs: Tuple[int, ...] = (90, 120)
     lr_decay_factor: float = 0.1
@@ -139,6 +139,8 @@ class TrainConfig:
     steps_per_call: int = 10          # training steps per tf.function call (one host sync each)
     finetune: str = ""                # whole-model weights to start from (weights only)
     checkpoint_every_steps: int = 0   # 0 = at every epoch end only
+    checkpoint_every_minutes: float = 0.0  # also a checkpoint when this much time passed since the last (0 = off)
+    max_bad_steps: int = 20           # consecutive steps with a non-finite gradient (each skipped) that stop the run
     max_checkpoints: int = 3
     log_every_steps: int = 10
     eval_every_epochs: int = 1
@@ -323,6 +325,9 @@ def _ai_challenger_w32_512() -> Config:
     # 3000 (about 3 minutes on one GPU), the whole split at the end and in tools/model_val.py.
     cfg.train.eval_every_epochs = 5
     cfg.data.max_val_images = 3000
+    # An AI Challenger epoch is ~26,000 steps at batch 8 on one GPU: a checkpoint every 30 minutes
+    # as well, so that a preemption or a crash costs at most that.
+    cfg.train.checkpoint_every_minutes = 30.0
     return cfg
 
 
@@ -395,10 +400,14 @@ def validate(cfg: Config) -> None:
                 "joint_sigma": cfg.spr.joint_sigma,
                 "max_people": cfg.spr.max_people, "epochs": cfg.train.epochs,
                 "nms_window": cfg.spr.nms_window, "steps_per_call": cfg.train.steps_per_call,
+                "max_bad_steps": cfg.train.max_bad_steps,
                 "max_people_per_image": cfg.data.max_people_per_image}
     for name, v in positive.items():
         if not v > 0:
             raise ValueError(f"config field {name!r} must be positive, got {v}")
+    for name in ("lr_base_batch", "checkpoint_every_steps", "checkpoint_every_minutes"):
+        if getattr(cfg.train, name) < 0:
+            raise ValueError(f"config field {name!r} must be >= 0 (0: off), got {getattr(cfg.train, name)}")
     if cfg.spr.snap_radius < 0:
         raise ValueError(f"config field 'snap_radius' must be >= 0 (0: no snapping), got {cfg.spr.snap_radius}")
     if cfg.augment.scale_min > cfg.augment.scale_max:
@@ -410,6 +419,43 @@ def validate(cfg: Config) -> None:
                          f"not {cfg.data.skeleton!r}")
     if cfg.data.dataset == "coco" and cfg.data.skeleton != "coco":
         raise ValueError(f"dataset 'coco' uses the coco skeleton, not {cfg.data.skeleton!r}")
+
+
+# ----------------------------------------------------------------------------- resuming a run
+
+# Fields that change what a checkpoint means (the network, its targets and losses, the optimizer
+# and its schedule, the data stream): a resumed run must keep them. Everything else (epochs,
+# paths, logging, evaluation, decoding, augmentation ranges, batch layout: checked by the
+# training loop) may change on resume and is recorded.
+RESUME_FIXED_SECTIONS = ("model", "loss")
+RESUME_FIXED_FIELDS = (
+    "input_height", "input_width", "seed", "deterministic", "steps_per_epoch",
+    "output_stride", "root_type", "anchor", "sigma", "tau", "z_norm", "z_value", "joint_sigma",
+    "optimizer", "lr", "lr_base_batch", "lr_schedule", "lr_decay_epochs", "lr_decay_factor",
+    "warmup_steps", "weight_decay", "mixed_precision")
+RESUME_FREE_MODEL_FIELDS = ("backbone_weights", "sync_batchnorm")
+
+
+def resume_differences(old: Config, new: Config) -> Tuple[list, list]:
+    """``(refused, allowed)``: lists of ``(field, old value, new value)`` between the config a
+    run directory was started with and the one resuming it. The skeleton is compared by its
+    content (names, hierarchy, flip pairs, sigmas), not only its name."""
+    refused, allowed = [], []
+    for section, f, _ in _iter_fields():
+        a, b = getattr(getattr(old, section), f.name), getattr(getattr(new, section), f.name)
+        if a == b:
+            continue
+        fixed = ((section in RESUME_FIXED_SECTIONS and f.name not in RESUME_FREE_MODEL_FIELDS)
+                 or f.name in RESUME_FIXED_FIELDS)
+        (refused if fixed else allowed).append((f.name, a, b))
+    try:
+        same_skeleton = old.skeleton == new.skeleton
+    except ValueError:
+        same_skeleton = False
+    if not same_skeleton:
+        refused.append(("skeleton", old.data.skeleton, new.data.skeleton))
+        allowed = [d for d in allowed if d[0] != "skeleton"]
+    return refused, allowed
 
 
 # ----------------------------------------------------------------------------- loading and CLI

@@ -59,10 +59,24 @@ A batch (file reads, ``cv2.imdecode`` to RGB, one imgaug call for the batch, one
 ``num_parallel_calls``; OpenCV releases the GIL in decoding and warping, so the calls run side by
 side, and OpenCV's own thread pool is set to ``cfg.data.opencv_threads`` (1) so that it does not
 oversubscribe the cores (``tools/benchmark.py pipeline`` measures it against decoding alone).
-Every training element carries an augmentation seed from ``tf.data.Dataset.random``, which
-draws new seeds every epoch, and a batch is augmented with its first element's: with
-``cfg.data.deterministic`` the record order (shuffle seed), the seeds and the output order are
-all fixed by ``cfg.data.seed``, whatever the thread timing.
+Every training element carries an augmentation seed, and a batch is augmented with its first
+element's: with ``cfg.data.deterministic`` the output order is fixed too, whatever the thread
+timing.
+
+The data position
+-----------------
+The training stream is a pure function of the run's data seed and of the position ``g`` of an
+element in the global stream (global step ``s`` holds positions ``s * G .. s * G + G - 1``, ``G``
+the global batch): pass ``g // N`` over the ``N`` records is the permutation
+``tf.random.experimental.index_shuffle(seed, pass)``, and the element's augmentation seed is a
+stateless draw from ``(seed, g)``. Input pipeline ``k`` of ``K`` (``input_context``) takes its
+replicas' consecutive share of every global batch. So a run resumed at step ``s``
+(``start_step``) computes where it is instead of replaying the stream: the same pictures in the
+same order with the same augmentation as a run that was never interrupted, on the same number
+of replicas; with the same global batch on another replica count the global batches hold the
+same pictures (their split among replicas, and so the batches' augmentation seeds, change). The
+data seed is ``cfg.data.seed`` with ``--deterministic``, otherwise drawn once per run and kept
+in the checkpoint; without ``--deterministic`` tf.data may also reorder neighbouring batches.
 Let iterators go (``del it``) before the interpreter exits: a tf.data iterator whose threads
 are inside a Python function when Python shuts down can hang the exit.
 
@@ -79,6 +93,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -280,6 +295,9 @@ class InputPipeline:
         self.input_hw = (cfg.data.input_height, cfg.data.input_width)
         self.output_hw = cfg.output_shape
         self.skipped = SkipCounter()
+        # The data seed: the configured one with --deterministic, otherwise drawn once here (the
+        # training loop passes its checkpointed one instead, so a resume continues the stream).
+        self.seed = int(cfg.data.seed) if cfg.data.deterministic else fresh_data_seed()
         # tf.data runs the per-image work on its own threads; OpenCV's thread pool on top of
         # them would oversubscribe the cores (cfg.data.opencv_threads; 0 keeps OpenCV's default).
         if cfg.data.opencv_threads > 0:
@@ -296,6 +314,23 @@ class InputPipeline:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def check_readable(self) -> None:
+        """Decode one picture of the split (the first usable of its first ``MAX_REPLACEMENTS``
+        records): a ValueError naming the folder when none is usable, so that a wrong image
+        folder stops a run before its first step rather than at its first evaluation."""
+        errors = []
+        for record in self.records[:MAX_REPLACEMENTS]:
+            try:
+                read_image(record.image_path, (record.height, record.width))
+                return
+            except ImageError as e:
+                errors.append(e)
+        if errors:
+            folder = os.path.dirname(self.records[0].image_path or "") or "."
+            raise ValueError(f"the {self.mode} split's first {len(errors)} pictures cannot be used "
+                             f"(first: {errors[0]}): is the {self.mode} image folder {folder} right "
+                             f"(--{self.mode}-images)?")
 
     # ------------------------------------------------------------------ Python side
 
@@ -420,32 +455,62 @@ class InputPipeline:
 
     # ------------------------------------------------------------------ tf.data
 
-    def element_indices_and_seeds(self, input_context=None, repeat: bool = False):
+    def element_indices_and_seeds(self, input_context=None, repeat: bool = False, start_step: int = 0,
+                                  seed: Optional[int] = None, batch_size: Optional[int] = None):
         """The ``(record index, augmentation seed)`` stream that :meth:`dataset` batches and maps
-        over (a batch is augmented with its first element's seed)."""
-        d = self.cfg.data
-        seed = d.seed if d.deterministic else None
-        indices = tf.data.Dataset.range(len(self.records))
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            indices = indices.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        if self.mode == "train":
-            n = len(self.records)
-            buffer = n if d.shuffle_buffer <= 0 else min(n, d.shuffle_buffer)
-            indices = indices.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            indices = indices.repeat()
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        return tf.data.Dataset.zip((indices, seeds))
+        over (a batch is augmented with its first element's seed); see "The data position".
 
-    def dataset(self, batch_size: Optional[int] = None, input_context=None, repeat: bool = False):
+        Args:
+            input_context: the ``tf.distribute.InputContext`` of this input pipeline (None: one).
+            repeat: pass after pass forever; otherwise the rest of the first pass.
+            start_step: global steps already consumed (a resumed run): the stream starts where
+                a run from step 0 would be after ``start_step`` steps, without reading anything.
+            seed: the run's data seed (None: :attr:`seed`).
+            batch_size: the per-replica batch (None: ``cfg.data.batch_size``).
+        """
+        n = len(self.records)
+        if n == 0:
+            raise ValueError(f"the {self.mode} split has no records")
+        seed = self.seed if seed is None else int(seed)
+        batch = int(batch_size or self.cfg.data.batch_size)
+        pipelines = input_context.num_input_pipelines if input_context is not None else 1
+        pipeline_id = input_context.input_pipeline_id if input_context is not None else 0
+        replicas = input_context.num_replicas_in_sync if input_context is not None else 1
+        local = batch * max(1, replicas // pipelines)           # elements per global step here
+        global_batch = batch * replicas
+        shuffle = self.mode == "train"
+
+        def position(t):
+            """Local element ``t`` -> its position in the global stream."""
+            return (start_step + t // local) * global_batch + pipeline_id * local + t % local
+
+        def element(g):
+            pass_, i = g // n, g % n
+            index = i
+            if shuffle:
+                index = tf.random.experimental.index_shuffle(
+                    i, tf.stack([tf.constant(seed, tf.int64), 2 * pass_]), tf.constant(n - 1, tf.int64))
+            aug = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), 2 * g + 1]),
+                                              minval=0, maxval=2 ** 62, dtype=tf.int64)
+            return index, aug
+
+        stream = tf.data.Dataset.range(2 ** 62).map(position)
+        if not repeat:
+            stream = stream.take_while(lambda g: g < n)
+        return stream.map(element)
+
+    def dataset(self, batch_size: Optional[int] = None, input_context=None, repeat: bool = False,
+                start_step: int = 0, seed: Optional[int] = None):
         """Batches of ``(images, targets)``; see the module docstring for ``batch_size``.
 
         Args:
             batch_size: size of the yielded batches; None = ``cfg.data.batch_size``.
             input_context: a ``tf.distribute.InputContext`` (``distribute_datasets_from_function``):
-                this pipeline takes its shard of the records.
-            repeat: repeat forever (new order and augmentation every pass); otherwise one pass
-                per iteration of the dataset.
+                this pipeline takes its share of every global batch.
+            repeat: pass after pass forever (a new order and new augmentation every pass);
+                otherwise the (rest of the) first pass.
+            start_step: global steps already consumed (resume), skipped on the index stream.
+            seed: the run's data seed (None: :attr:`seed`).
         """
         train = self.mode == "train"
         batch_size = int(batch_size or self.cfg.data.batch_size)
@@ -461,7 +526,7 @@ class InputPipeline:
                 t.set_shape(shape)
             return out[0], dict(zip(LABEL_KEYS, out[1:]))
 
-        ds = self.element_indices_and_seeds(input_context, repeat)
+        ds = self.element_indices_and_seeds(input_context, repeat, start_step, seed, batch_size)
         ds = ds.batch(batch_size, drop_remainder=train)
         ds = ds.map(prepare, **self._map_kwargs())
         return self._finish(ds, input_context)
@@ -504,6 +569,11 @@ class InputPipeline:
         options.experimental_distribute.auto_shard_policy = (
             policy.OFF if input_context is not None else policy.DATA)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def fresh_data_seed() -> int:
+    """A random data seed (a run without --deterministic draws one and keeps it in its checkpoint)."""
+    return int(np.random.SeedSequence().entropy % (2 ** 31 - 1))
 
 
 def _is_ok(image, labels, ok):

@@ -110,7 +110,7 @@ class FixedPipeline:
     def __len__(self):
         return self.num_examples
 
-    def dataset(self, batch_size=None, input_context=None, repeat=False):
+    def dataset(self, batch_size=None, input_context=None, repeat=False, start_step=0, seed=None):
         import tensorflow as tf
 
         images, labels = self.images, self.labels

@@ -25,7 +25,7 @@ from pycocotools.cocoeval import COCOeval
 
 from config import Config
 from dataset.errors import load_json
-from dataset.pipeline import load_records, read_rgb, split_paths
+from dataset.pipeline import InputPipeline, load_records, read_rgb, split_paths
 from utils.aic_eval import score_predictions
 from utils.drawing import draw_prediction, pad_to, prediction_grid, save_rgb
 from utils.predict import Prediction, Predictor, predict_records
@@ -126,15 +126,22 @@ class Evaluator:
     the predictions on the first images are logged too.
     """
 
-    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, subset: bool = False):
+    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, subset: bool = False,
+                 records: Optional[Sequence] = None, max_skipped_fraction: Optional[float] = None):
         self.cfg, self.flip, self.num_pictures = cfg, flip, num_pictures
-        self.records, _ = load_records(cfg, "val")
+        self.max_skipped_fraction = max_skipped_fraction
+        self.records = list(records) if records is not None else load_records(cfg, "val")[0]
         size = cfg.data.max_val_images
         if subset and 0 < size < len(self.records):
             keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(self.records), size, replace=False))
             self.records = [self.records[i] for i in keep]
-        self.ann_json, _ = split_paths(cfg, "val")
+        self.ann_json, self.image_dir = split_paths(cfg, "val")
         self._predictor: Optional[Predictor] = None
+
+    def check_readable(self) -> None:
+        """ValueError naming the image folder when none of the first validation pictures decodes
+        (a wrong ``--val-images``), before any training step."""
+        InputPipeline(self.cfg, "val", self.records).check_readable()
 
     def __call__(self, model, writer=None, step: int = 0) -> Dict[str, Any]:
         start = time.time()
@@ -146,6 +153,11 @@ class Evaluator:
         result["predicted_people"] = int(sum(len(p.poses) for p in predictions))
         result["eval_seconds"] = round(time.time() - start, 2)
         result["skipped_images"] = pipeline.skipped.count
+        limit = self.max_skipped_fraction
+        if limit is not None and pipeline.skipped.count > limit * max(1, len(self.records)):
+            raise ValueError(f"the evaluation could not use {pipeline.skipped.count} of {len(self.records)} "
+                             f"validation images (more than {limit:.0%}; {pipeline.skipped.summary()}): "
+                             f"is the image folder {self.image_dir} right?")
         if writer is not None and self.num_pictures:
             pictures = [_draw(p, self.cfg) for p in predictions[:self.num_pictures]]
             if pictures:
