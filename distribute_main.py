@@ -16,13 +16,16 @@ cannot feed several fast GPUs), and together they form one MultiWorkerMirroredSt
 localhost. With TF_CONFIG (one ``host:port`` per machine, the same ``--gpus`` on each), machine
 ``m``'s processes listen on ``port``, ``port + 1``, ... and are global workers ``m * G + k``.
 ``--cpu`` runs the processes on the CPU (tests). If one process fails, the others are stopped;
-the exit code is the first failure's, and the chief's summary line is printed.
+the exit code is the first failure's. The chief's console streams through live.
+
+SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) reach every worker once; each saves a
+checkpoint at the same step and exits with 75, as this command then does: run it again to
+resume. A second signal, a second or more after the first, kills at once.
 """
 
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -31,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from main import build_parser, run_cli  # noqa: E402  (no TensorFlow import yet)
 from utils.distribute import process_per_gpu_environments, select_gpus  # noqa: E402
+from utils.preemption import PREEMPTED_EXIT_CODE, StopRequest  # noqa: E402
 
 
 def _strip(argv, flag: str, with_value: bool):
@@ -47,39 +51,44 @@ def _strip(argv, flag: str, with_value: bool):
 
 
 def supervise(procs):
-    """Wait for ``procs`` (stdout piped); the first to fail stops the others (SIGTERM), and
-    SIGINT / SIGTERM sent to this process reach all of them. Returns the first failure's exit
-    code (0 when all succeed) and each process's stdout."""
+    """Wait for ``procs``. The first to fail stops the others (SIGKILL: they cannot save without
+    it, its collectives are gone); a worker that exits with PREEMPTED_EXIT_CODE is not a failure.
+    SIGINT / SIGTERM sent to this process reach every worker once (``utils/preemption.py``: a
+    repeat within a second, e.g. a scheduler signalling every process, is the same signal; a
+    later second one kills at once). Returns the first failure's exit code, else
+    PREEMPTED_EXIT_CODE when a worker was preempted, else 0."""
 
-    def stop(signum, frame):
+    def forward(signum):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        outputs, code = [""] * len(procs), 0
+    code, preempted = 0, False
+    with StopRequest(on_signal=forward):
         pending = set(range(len(procs)))
         while pending:
             for k in sorted(pending):
                 try:
-                    outputs[k] = procs[k].communicate(timeout=0.5)[0] or ""
+                    procs[k].wait(timeout=0.5)
                 except subprocess.TimeoutExpired:
                     continue
                 pending.discard(k)
-                if procs[k].returncode != 0 and code == 0:
-                    code = procs[k].returncode
-                    print(f"error: worker process {k} exited with {code}; stopping the others",
-                          file=sys.stderr)
-                    stop(signal.SIGTERM, None)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return code, outputs
+                rc = procs[k].returncode
+                if rc == PREEMPTED_EXIT_CODE:
+                    preempted = True
+                elif rc != 0 and code == 0:
+                    code = rc
+                    print(f"error: worker process {k} exited with {rc}; stopping the others", file=sys.stderr)
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+    return code or (PREEMPTED_EXIT_CODE if preempted else 0)
 
 
 def launch_process_per_gpu(args, argv) -> int:
-    """Start one worker per GPU (see the module docstring); wait; the first failure stops all."""
+    """Start one worker per GPU (see the module docstring); wait; the first failure stops all.
+    The chief's console (progress, scores, its summary line) streams through; the other
+    workers' standard output is dropped (their logs go to standard error)."""
     try:
         envs = process_per_gpu_environments(args.gpus, cpu=args.cpu)
     except ValueError as e:
@@ -87,13 +96,13 @@ def launch_process_per_gpu(args, argv) -> int:
         return 2
     child_argv = _strip(_strip(_strip(argv, "--process-per-gpu", False), "--gpus", True), "--cpu", False)
     command = [sys.executable, os.path.abspath(__file__), *child_argv]
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for env in envs]
+    chief = [json.loads(env["TF_CONFIG"])["task"]["index"] == 0 for env in envs]
+    sys.stdout.flush()
+    procs = [subprocess.Popen(command, env=env, stdout=None if is_chief else subprocess.DEVNULL)
+             for env, is_chief in zip(envs, chief)]
     print(f"started {len(procs)} worker processes ({'CPU' if args.cpu else 'GPUs ' + args.gpus}), "
           f"pids {[p.pid for p in procs]}", file=sys.stderr)
-    code, outputs = supervise(procs)
-    if json.loads(envs[0]["TF_CONFIG"])["task"]["index"] == 0 and outputs[0]:
-        print(outputs[0], end="")                  # the chief's summary line
-    return code
+    return supervise(procs)
 
 
 def main(argv=None) -> int:

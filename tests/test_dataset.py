@@ -154,12 +154,46 @@ def test_deterministic_mode_repeats_runs_and_varies_epochs(records):
     a = next(iter(InputPipeline(cfg, "train", records).dataset()))
     b = next(iter(InputPipeline(cfg, "train", records).dataset()))
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
-    stream = InputPipeline(cfg, "train", records).element_indices_and_seeds()
-    first, second = list(stream.as_numpy_iterator()), list(stream.as_numpy_iterator())
-    assert sorted(i for i, _ in first) == list(range(len(records)))      # each record once per epoch
-    assert first != second                                               # new order and seeds
+    n = len(records)
+    stream = list(InputPipeline(cfg, "train", records).element_indices_and_seeds(repeat=True).take(2 * n)
+                  .as_numpy_iterator())
+    first, second = stream[:n], stream[n:]
+    assert sorted(i for i, _ in first) == sorted(i for i, _ in second) == list(range(n))   # each record once a pass
+    assert [i for i, _ in first] != [i for i, _ in second]                                # a new order per pass
+    assert len({s for _, s in stream}) == 2 * n                                          # new seeds
     other = list(InputPipeline(_cfg(seed=2), "train", records).element_indices_and_seeds().as_numpy_iterator())
     assert other != first
+    # without --deterministic each pipeline draws its own data seed (the training loop keeps its in
+    # the checkpoint)
+    free = [InputPipeline(_cfg(deterministic=False), "train", records) for _ in range(2)]
+    assert free[0].seed != free[1].seed
+
+
+def test_a_resumed_stream_is_the_rest_of_the_uninterrupted_one(records):
+    """The data position: the stream started at global step s (a resume) is the uninterrupted
+    stream from element s x G on, on one pipeline and on two (each its replicas' share of every
+    global batch); another replica layout with the same global batch holds the same pictures in
+    every global step. Nothing is read to get there (the stream is indices only)."""
+    pipe = InputPipeline(_cfg(), "train", records)
+    G = 4
+    full = [tuple(int(v) for v in x) for x in pipe.element_indices_and_seeds(repeat=True, batch_size=G, seed=7)
+            .take(12 * G).as_numpy_iterator()]
+    resumed = [tuple(int(v) for v in x) for x in pipe.element_indices_and_seeds(
+        repeat=True, batch_size=G, seed=7, start_step=5).take(7 * G).as_numpy_iterator()]
+    assert resumed == full[5 * G:]
+
+    def shares(start):              # 2 input pipelines x 1 replica each, per-replica batch 2
+        out = []
+        for k in (0, 1):
+            ctx = tf.distribute.InputContext(2, k, 2)
+            out.append([tuple(int(v) for v in x) for x in pipe.element_indices_and_seeds(
+                ctx, repeat=True, batch_size=2, seed=7, start_step=start).take(2 * (12 - start)).as_numpy_iterator()])
+        return out
+
+    for start in (0, 5):
+        a, b = shares(start)
+        joined = [x for s in range(12 - start) for x in a[2 * s:2 * s + 2] + b[2 * s:2 * s + 2]]
+        assert joined == full[start * G:]
 
 
 def test_batching_and_sharding(records):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -98,14 +99,84 @@ def test_one_failing_worker_process_stops_the_others():
 
     from distribute_main import supervise
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
-                               stdout=subprocess.PIPE, text=True)
-    failing = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"],
-                               stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    failing = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.5); sys.exit(3)"])
     start = time.time()
-    code, outputs = supervise([sleeper, failing])
-    assert code == 3 and time.time() - start < 30
-    assert sleeper.returncode is not None and sleeper.returncode != 0      # stopped, not finished
-    assert outputs[0].startswith("started")
-    ok = [subprocess.Popen([sys.executable, "-c", f"print({k})"], stdout=subprocess.PIPE, text=True) for k in range(2)]
-    assert supervise(ok) == (0, ["0\n", "1\n"])
+    assert supervise([sleeper, failing]) == 3 and time.time() - start < 30
+    assert sleeper.returncode == -signal.SIGKILL                       # stopped, not finished
+    ok = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    assert supervise(ok) == 0
+
+
+def test_preempted_workers_are_not_failures_and_the_launcher_exits_75():
+    """A worker that saved and exited with 75 (preempted) does not make the supervisor kill the
+    others, which are saving too: they finish, and the launcher's code is 75."""
+    from distribute_main import supervise
+    from utils.preemption import PREEMPTED_EXIT_CODE
+
+    first = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(75)"])
+    saving = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(2); sys.exit(75)"])
+    assert supervise([first, saving]) == PREEMPTED_EXIT_CODE
+    assert saving.returncode == PREEMPTED_EXIT_CODE                    # let it finish its save
+
+
+# A stand-in for a training worker: the loop's signal rule (utils/preemption.py), then "saving"
+# for a second, then exit 75; it writes down what it saw.
+_FAKE_WORKER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from utils.preemption import StopRequest
+with StopRequest() as stop:
+    open(sys.argv[1], "w").write("ready")
+    while not stop.requested:
+        time.sleep(0.05)
+    time.sleep(1.5)
+open(sys.argv[1], "w").write(stop.signal_name)
+sys.exit(75)
+"""
+
+_LAUNCHER = """
+import subprocess, sys
+sys.path.insert(0, {root!r})
+from distribute_main import supervise
+procs = [subprocess.Popen([sys.executable, "-c", sys.argv[1], f]) for f in sys.argv[2:]]
+sys.exit(supervise(procs))
+"""
+
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_the_launcher_forwards_one_preemption_once(tmp_path, to_group):
+    """SIGTERM to the launcher alone (it forwards) and to the launcher and its workers together
+    (a scheduler signalling every process, then the launcher forwarding: two deliveries within
+    milliseconds): every worker sees one preemption, finishes its save and exits 75, and so does
+    the launcher; no worker is killed by the repeat."""
+    import time
+
+    marks = [tmp_path / f"w{k}" for k in range(2)]
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER.format(root=ROOT),
+                                 _FAKE_WORKER.format(root=ROOT), *map(str, marks)], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not all(m.exists() and m.read_text() == "ready" for m in marks):
+        time.sleep(0.05)
+    if to_group:
+        os.killpg(launcher.pid, signal.SIGTERM)
+    else:
+        launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=60) == 75
+    assert [m.read_text() for m in marks] == ["SIGTERM", "SIGTERM"]
+
+
+def test_a_second_signal_after_the_first_kills_at_once(tmp_path):
+    import time
+
+    mark = tmp_path / "w"
+    worker = subprocess.Popen([sys.executable, "-c", _FAKE_WORKER.replace("time.sleep(1.5)", "time.sleep(60)")
+                               .format(root=ROOT), str(mark)])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (mark.exists() and mark.read_text() == "ready"):
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGINT)
+    time.sleep(1.3)                                 # past the window in which repeats count once
+    start = time.time()
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=30) == -signal.SIGINT and time.time() - start < 5

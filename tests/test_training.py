@@ -31,36 +31,76 @@ def test_loss_falls_over_20_steps_on_a_fixed_batch(tmp_path):
     assert int(trainer.optimizer.iterations.numpy()) == 20
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def _state(trainer):
+    """Every number a step may change: weights (BatchNorm statistics included), optimizer slots
+    and iteration count."""
+    return ([v.numpy().copy() for v in trainer.model.weights],
+            [v.numpy().copy() for v in trainer.optimizer.variables])
+
+
+def test_non_finite_steps_are_skipped_counted_and_leave_everything_untouched(tmp_path):
+    """float32, non-finite gradients injected at steps 3 and 5: each update is skipped (weights,
+    BatchNorm statistics, Adam's moments and its iteration count exactly as before the step),
+    counted in the result and history.json, and the run finishes."""
+    from training_helpers import nan_at
+    from utils.training import Trainer
+
+    cfg = tiny_config(str(tmp_path), steps_per_epoch=6, epochs=1, steps_per_call=1)
+    images, labels = fixed_batch(cfg, 2)
+    trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels), gradient_hook=nan_at(3, 5))
+    it = iter(trainer.dist_dataset)
+    trainer.run_steps(it, 2)
+    weights, slots = _state(trainer)
+    third = trainer.run_steps(it, 1)
+    assert third["skipped"] == [3]
+    after_weights, after_slots = _state(trainer)
+    for a, b in zip(weights + slots, after_weights + after_slots):
+        np.testing.assert_array_equal(a, b)
+    assert int(trainer.optimizer.iterations.numpy()) == 2 and int(trainer.step.numpy()) == 3
+    trainer.run_steps(it, 1)                              # step 4 trains
+    assert any(not np.array_equal(a, b) for a, b in zip(weights, _state(trainer)[0]))
+    del it
+    result = trainer.fit()                                # steps 5 (skipped) and 6
+    assert result["steps"] == 6 and result["skipped_updates"] == 1
+    history = json.load(open(tmp_path / "history.json"))
+    assert history[-1]["skipped_updates"] == 1
+    assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
+
+
+def test_max_bad_steps_consecutive_non_finite_steps_stop_naming_them(tmp_path):
+    """Pictures that turn NaN after a good run: every step is skipped; the third in a row
+    (--max-bad-steps 3) stops the run naming steps 7 to 9; nothing is written from that state."""
     from utils.training import NonFiniteLossError, Trainer
 
     cfg = tiny_config(str(tmp_path), steps_per_epoch=3, epochs=2)
     images, labels = fixed_batch(cfg, 2)
-    good = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
-    good.fit()                                       # 2 epochs of 3 steps; then the data turns bad
+    Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels)).fit()
     saved = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
     assert saved and saved[-1].endswith("ckpt-6.index")
     bad_images = np.full(images.shape, np.nan, np.float32)
-    cfg3 = cfg.replace(epochs=3)
-    bad = Trainer(cfg3, evaluate_fn=no_eval, pipeline=FixedPipeline(bad_images, labels))
+    bad = Trainer(cfg.replace(epochs=3, max_bad_steps=3, steps_per_call=1), evaluate_fn=no_eval,
+                  pipeline=FixedPipeline(bad_images, labels))
     assert bad.resumed_from is not None and int(bad.step.numpy()) == 6
-    with pytest.raises(NonFiniteLossError, match="non-finite loss or update at step 7"):
+    weights = [w.copy() for w in bad.model.get_weights()]
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps, 7 to 9"):
         bad.fit()
+    for a, b in zip(weights, bad.model.get_weights()):     # BatchNorm saw NaN pictures: restored
+        np.testing.assert_array_equal(a, b)
     after = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
-    assert after == saved                            # nothing written from the NaN state
+    assert after == saved
 
 
-def test_nan_update_stops_with_exit_code_3_and_the_newest_checkpoint_is_finite(tmp_path, synth_dir, monkeypatch,
-                                                                                capsys):
-    """A non-finite gradient at step 5 (the loss is finite): main.py's runner exits with 3
-    naming the step, and the newest checkpoint (step 4) loads and holds finite weights."""
+def test_consecutive_bad_steps_exit_with_code_3_and_the_newest_checkpoint_is_finite(tmp_path, synth_dir,
+                                                                                    monkeypatch, capsys):
+    """Non-finite gradients at steps 5 and 6 with --max-bad-steps 2: main.py's runner exits with 3
+    naming them, and the newest checkpoint (step 4) loads and holds finite weights."""
     import main
     import utils.training
     from training_helpers import nan_at
 
     class InjectingTrainer(utils.training.Trainer):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, gradient_hook=nan_at(5), **kwargs)
+            super().__init__(*args, gradient_hook=nan_at(5, 6), **kwargs)
 
     monkeypatch.setattr(utils.training, "Trainer", InjectingTrainer)
     run_dir = tmp_path / "run"
@@ -69,9 +109,9 @@ def test_nan_update_stops_with_exit_code_3_and_the_newest_checkpoint_is_finite(t
          "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
          "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
          "--tau", "2", "--epochs", "3", "--steps-per-epoch", "4", "--steps-per-call", "3",
-         "--checkpoint-every-steps", "2"])
+         "--checkpoint-every-steps", "2", "--max-bad-steps", "2"])
     assert main.run_cli(args) == 3
-    assert "non-finite loss or update at step 5" in capsys.readouterr().err
+    assert "2 consecutive non-finite steps, 5 to 6" in capsys.readouterr().err
     import tensorflow as tf
     from utils.predict import load_trained_model
 
@@ -88,21 +128,62 @@ def _cli(synth_dir, run_dir, *extra):
             "--tau", "2", "--epochs", "1", "--steps-per-epoch", "2", *extra]
 
 
-def test_resume_with_another_replica_count_is_refused_naming_both(tmp_path, synth_dir):
-    """The step-based schedule depends on the global batch: a run trained on 1 device does not
-    resume on 2 replicas; the message names both and the checkpoint stays as it was."""
+def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_dir):
+    """A run of 1 replica x batch 4 resumes on 2 logical CPU replicas x batch 2 (the same global
+    batch: epoch, schedule and data position continue; a warning says what changes), and is
+    refused on 2 x 4 (another global batch) naming both, the checkpoints left as they were."""
     run_dir = tmp_path / "run"
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *_cli(synth_dir, run_dir)],
+    first = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
+                            *_cli(synth_dir, run_dir, "--batch-size", "4", "--lr-schedule", "cosine")],
                            env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    saved = sorted(os.listdir(run_dir / "checkpoints"))
-    second = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu-replicas", "2",
-                             *_cli(synth_dir, run_dir, "--epochs", "2")],
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert "1 replica(s) x batch 2 per replica" in second.stderr
-    assert "this run has 2 replica(s) x batch 2 (global batch 4)" in second.stderr
-    assert sorted(os.listdir(run_dir / "checkpoints")) == saved
+    script = os.path.join(ROOT, "distribute_main.py")
+    wider = subprocess.run([sys.executable, script, "--cpu-replicas", "2",
+                            *_cli(synth_dir, run_dir, "--batch-size", "4", "--lr-schedule", "cosine", "--epochs", "2")],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert wider.returncode == 2, wider.stderr[-3000:]
+    assert "a global batch of 4 (1 replica(s) x batch 4)" in wider.stderr
+    assert "this run has 8 (2 replica(s) x batch 4)" in wider.stderr and "--batch-size 2" in wider.stderr
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    split = subprocess.run([sys.executable, script, "--cpu-replicas", "2",
+                            *_cli(synth_dir, run_dir, "--batch-size", "2", "--lr-schedule", "cosine", "--epochs", "2")],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert split.returncode == 0, split.stderr[-3000:]
+    result = json.loads(split.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"].endswith("ckpt-2") and result["steps"] == 4 and result["epochs"] == 2
+    assert "2 replica(s) x batch 2 instead of 1 x 4" in split.stderr
+    # the schedule continued: the optimizer's step is the run's (cosine over the 4 steps of 2 epochs)
+    import tensorflow as tf
+
+    names = {n for n, _ in tf.train.list_variables(str(run_dir / "checkpoints"))}
+    iterations = next(n for n in names if n.startswith("optimizer/") and "iteration" in n)
+    assert tf.train.load_checkpoint(str(run_dir / "checkpoints")).get_tensor(iterations) == 4
+    resumes = [json.loads(line) for line in open(run_dir / "resumes.jsonl")]
+    assert resumes[-1]["step"] == 2 and resumes[-1]["replicas"] == 2 and resumes[-1]["changed"]["epochs"] == [1, 2]
+
+
+def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(tmp_path):
+    """Fields that change what the checkpoint means (SPR targets, the network, the losses) are
+    refused with both values, before anything is written; epochs and logging may change."""
+    from utils.training import Trainer
+
+    cfg = tiny_config(str(tmp_path), steps_per_epoch=1, epochs=1)
+    images, labels = fixed_batch(cfg, 2)
+    Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels)).fit()
+    written = (tmp_path / "config.json").read_text()
+    for change, message in [
+            (dict(anchor="root"), "anchor: 'parent' in the run, 'root' now"),
+            (dict(sigma=3.0), "sigma: 1.5 in the run, 3.0 now"),
+            (dict(head_channels=8, root_loss="l2"),
+             "head_channels: 16 in the run, 8 now; root_loss: 'focal' in the run, 'l2' now")]:
+        with pytest.raises(ValueError) as refused:
+            Trainer(cfg.replace(epochs=2, **change), evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
+        assert message in str(refused.value) and "--config" in str(refused.value)
+        assert (tmp_path / "config.json").read_text() == written
+    resumed = Trainer(cfg.replace(epochs=2, log_every_steps=5, score_threshold=0.3), evaluate_fn=no_eval,
+                      pipeline=FixedPipeline(images, labels))
+    assert {name for name, _, _ in resumed.config_changes} == {"epochs", "log_every_steps", "score_threshold"}
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 2
 
 
 def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
@@ -141,10 +222,10 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
 
 
 def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
-    """--xla compiles the replica step (finite flag, clipping, optimizer) and gives the plain
-    step's update; a non-finite gradient under --xla still stops naming the step."""
+    """--xla compiles the replica step (all-reduces, finite flag, clipping) and gives the plain
+    step's update; a non-finite gradient under --xla is skipped like the plain step's."""
     from training_helpers import nan_at, randomise_output_kernels
-    from utils.training import NonFiniteLossError, Trainer
+    from utils.training import Trainer
 
     moves = {}
     for xla in (False, True):
@@ -160,8 +241,9 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
         it = iter(trainer.dist_dataset)
         trainer.run_steps(it, 1)
         moves[xla] = [a - b for a, b in zip(trainer.model.get_weights(), weights)]
-        with pytest.raises(NonFiniteLossError, match="step 2"):
-            trainer.run_steps(it, 1)
+        moved = trainer.model.get_weights()
+        assert trainer.run_steps(it, 1)["skipped"] == [2]
+        assert all(np.array_equal(a, b) for a, b in zip(moved, trainer.model.get_weights()))
     # per variable, the relative error of the move (XLA sums in another order: elements near zero
     # differ by a few percent, whole variables by well under 1%; a missing clip or a wrong
     # normalisation would be off by far more)
@@ -187,5 +269,6 @@ def test_a_wrong_image_folder_stops_with_one_clear_line(tmp_path, synth_dir, cap
          "--tiny-stem-channels", "16", "--head-channels", "16", "--epochs", "1", "--steps-per-epoch", "2"])
     assert main.run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: 8 records in a row from") and str(empty) in err
-    assert "is the image folder right?" in err and "(8 files): missing file" in err
+    assert err.startswith("error: the train split's first 8 pictures cannot be used") and str(empty) in err
+    assert "missing file" in err and "(--train-images)" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()             # before the first step

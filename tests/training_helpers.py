@@ -150,14 +150,15 @@ def synthetic_config(run_dir: str, synth_dir: str, **overrides):
                        synthetic_val_images=4, **overrides)
 
 
-def nan_at(bad_step: int, replica: int = -1):
+def nan_at(*bad_steps: int, replica: int = -1):
     """A Trainer gradient_hook that makes the gradients of ``replica`` (-1: every replica)
-    non-finite at step ``bad_step``."""
+    non-finite at the steps ``bad_steps``."""
     import tensorflow as tf
 
     def hook(grads, step):
         rid = tf.distribute.get_replica_context().replica_id_in_sync_group
-        bad = tf.equal(step, bad_step) & ((rid == replica) if replica >= 0 else True)
+        at = tf.reduce_any(tf.equal(step, tf.constant(bad_steps, tf.int64)))
+        bad = at & ((rid == replica) if replica >= 0 else True)
         return [g + tf.where(bad, tf.constant(float("inf"), g.dtype), tf.constant(0.0, g.dtype)) for g in grads]
 
     return hook

@@ -445,11 +445,12 @@ class Trainer:
 
     def _sum_over_replicas(self, values: Sequence[float]) -> List[float]:
         """The sums of ``values`` over all replicas of all workers (every worker must call it)."""
-        vector = tf.constant(list(values), tf.float64)
+        values = [float(v) for v in values]
 
         def fn():
+            # The constant is made in each replica (one captured eager tensor is summed once).
             ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, vector)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(values, tf.float64))
 
         return [float(v) for v in self.strategy.experimental_local_results(self.strategy.run(fn))[0].numpy()]
 
