@@ -210,6 +210,7 @@ class Config:
                 if not isinstance(values, dict):
                     raise ValueError(f"{source}: section {f.name!r} must be an object")
                 known = {g.name for g in dataclasses.fields(section)}
+                values = {k: v for k, v in values.items() if k not in REMOVED_FIELDS}
                 bad = set(values) - known
                 if bad:
                     raise ValueError(f"{source}: unknown keys {sorted(bad)} in section {f.name!r}")
@@ -221,6 +222,9 @@ class Config:
 
 
 _SECTIONS = ("data", "augment", "spr", "model", "loss", "train")
+# Fields that earlier versions wrote and that no longer mean anything: read and dropped, so that
+# run directories made before keep loading (shuffle_buffer: every pass is a full permutation now).
+REMOVED_FIELDS = frozenset({"shuffle_buffer"})
 _SECTION_CLASSES = {"data": DataConfig, "augment": AugmentConfig, "spr": SprConfig,
                     "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 

@@ -216,7 +216,7 @@ def run_mode(mode: str, out: str, *extra: str):
             run_one = one.run_steps(iter(one.dist_dataset), 1)
             tag = precision or "float32"
             results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
-                            f"{tag}_skipped_two": run_two["skipped"], f"{tag}_skipped_one": run_one["skipped"],
+                            f"{tag}_skipped_two": len(run_two["skipped"]), f"{tag}_skipped_one": len(run_one["skipped"]),
                             **{f"{tag}_two_{i}": w for i, w in enumerate(_trainable(two))},
                             **{f"{tag}_one_{i}": w for i, w in enumerate(_trainable(one))},
                             **{f"{tag}_before_{i}": w for i, w in enumerate(before)}})
@@ -231,7 +231,7 @@ def run_mode(mode: str, out: str, *extra: str):
                 replicas_after = per_replica()
                 second = two.run_steps(it_two, 1)
                 results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
-                               overflow_skipped=first["skipped"], overflow_second_skipped=second["skipped"],
+                               overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
                                overflow_iterations=int(two.optimizer.iterations.numpy()) - iterations,
                                overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
                                                       for b, a in zip(bs, as_)),
@@ -266,14 +266,32 @@ def run_mode(mode: str, out: str, *extra: str):
         if trainer.resumed_from is None:
             randomise_output_kernels(trainer.model, std=0.3)
         result = trainer.fit()
-        history = json.load(open(os.path.join(out, "run", "history.json"))) if trainer.is_chief else []
         task = tf.distribute.cluster_resolver.TFConfigClusterResolver().task_id
+        if result["preempted"]:
+            np.savez(os.path.join(out, f"worker{task}_preempted.npz"), steps=result["steps"], start_step=start_step)
+            sys.exit(75)
+        history = json.load(open(os.path.join(out, "run", "history.json"))) if trainer.is_chief else []
         last_eval = trainer.evaluate()
         np.savez(os.path.join(out, f"worker{task}.npz"), steps=result["steps"], start_step=start_step,
                  replicas=trainer.replicas, chief=trainer.is_chief, score=last_eval["score"],
                  predicted_people=last_eval.get("predicted_people", -1),
                  history_score=history[-1]["score"] if history else -1.0,
                  **{f"w{i}": w for i, w in enumerate(trainer.model.get_weights())})
+    elif mode == "worker_bad_val":
+        # A wrong --val-images on every worker (only the chief evaluates, and finds it): every
+        # worker must stop with the chief's error instead of waiting in a collective.
+        from utils.distribute import make_strategy
+
+        strategy = make_strategy()
+        paths = os.path.join(extra[0], sorted(os.listdir(extra[0]))[0])
+        cfg = tiny_config(os.path.join(out, "run"), dataset="ai_challenger",
+                          train_json=os.path.join(paths, "train.json"), train_images=os.path.join(paths, "train"),
+                          val_json=os.path.join(paths, "val.json"), val_images=os.path.join(out, "not_here"))
+        try:
+            Trainer(cfg, strategy)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     else:
         raise SystemExit(f"unknown mode {mode}")
 

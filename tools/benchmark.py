@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve,recipe} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve,recipe,gpu} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "sizes": ("tools.benchmarks.sizes", "a trained model at twice its input size; decoder thresholds"),
     "curve": ("tools.benchmarks.curve", "training loss every N steps from fixed weights, deterministic data"),
     "recipe": ("tools.benchmarks.recipe", "a preset's recipe rehearsed at its geometry: score curve per variant"),
+    "gpu": ("tools.benchmarks.gpu", "training and inference images/s on a GPU, per precision, batch, XLA and feed"),
 }
 
 

@@ -290,6 +290,8 @@ class Trainer:
         self._check_inputs()
 
         set_precision_policy(cfg)
+        if cfg.data.deterministic:
+            keras.utils.set_random_seed(cfg.data.seed)      # the initial weights too
         with self.strategy.scope():
             self.model = build_spm_model(cfg)
             self.optimizer = build_optimizer(cfg, self.steps_per_epoch, self.global_batch)
