@@ -2,6 +2,7 @@
 
 Replicas, several workers, kill-and-resume of processes: ``test_distributed.py``."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -272,3 +273,62 @@ def test_a_wrong_image_folder_stops_with_one_clear_line(tmp_path, synth_dir, cap
     assert err.startswith("error: the train split's first 8 pictures cannot be used") and str(empty) in err
     assert "missing file" in err and "(--train-images)" in err
     assert not (tmp_path / "run" / "checkpoints").exists()             # before the first step
+
+
+def test_lr_base_batch_scales_the_rate_linearly_with_the_global_batch():
+    from utils.training import build_optimizer, learning_rate
+
+    cfg = tiny_config("", lr=1e-3, lr_base_batch=8)
+    assert learning_rate(cfg, 32) == pytest.approx(4e-3) and learning_rate(cfg, 4) == pytest.approx(5e-4)
+    assert learning_rate(cfg.replace(lr_base_batch=0), 32) == pytest.approx(1e-3)      # off: as given
+    opt = build_optimizer(cfg, steps_per_epoch=10, global_batch=16)
+    assert float(opt.learning_rate) == pytest.approx(2e-3)
+
+
+def test_weights_are_written_atomically(tmp_path):
+    """A failure in the middle of writing leaves the previous best.weights.h5 whole (and no
+    temporary file behind)."""
+    from nets.spm_model import build_spm_model
+    from utils.training import save_weights_atomically
+
+    model = build_spm_model(tiny_config(""))
+    path = tmp_path / "best.weights.h5"
+    save_weights_atomically(model, str(path))
+    before = path.read_bytes()
+
+    class Interrupted(Exception):
+        pass
+
+    def fail(filepath):
+        open(filepath, "wb").write(b"half a file")
+        raise Interrupted
+    model.save_weights = fail
+    with pytest.raises(Interrupted):
+        save_weights_atomically(model, str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["best.weights.h5"]
+    model.load_weights(str(path))
+
+
+def test_a_worker_has_one_scratch_folder_per_run():
+    from utils.training import worker_scratch_dir
+
+    a, b = worker_scratch_dir("runs/x", 1), worker_scratch_dir("runs/x", 2)
+    assert a != b and os.path.dirname(a) == os.path.dirname(b)
+    assert worker_scratch_dir("runs/x", 1) == a and worker_scratch_dir("runs/y", 1) != a
+
+
+def test_an_evaluation_that_cannot_read_its_pictures_is_an_error_naming_the_folder(tmp_path, synth_dir):
+    """More than 1% of the validation pictures unusable stops the training loop's evaluation
+    (the Evaluator of the loop); model_val.py's evaluator keeps skipping with a warning."""
+    from nets.spm_model import build_spm_model
+    from training_helpers import synthetic_config
+    from utils.evaluation import Evaluator
+
+    cfg = synthetic_config(str(tmp_path), synth_dir)
+    model = build_spm_model(cfg)
+    strict = Evaluator(cfg, max_skipped_fraction=0.01)
+    strict.records[1] = dataclasses.replace(strict.records[1], image_path=str(tmp_path / "gone.jpg"))
+    with pytest.raises(ValueError, match=r"could not use 1 of 4 validation images .* is the image folder .* right"):
+        strict(model)
+    lenient = Evaluator(cfg, records=strict.records)
+    assert lenient(model)["skipped_images"] == 1

@@ -187,8 +187,12 @@ def save_weights_atomically(model: keras.Model, path: str) -> str:
     the write never leaves a truncated file where the tools look."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".tmp.{os.getpid()}.{name}")      # keeps the .weights.h5 ending
-    model.save_weights(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save_weights(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -1,0 +1,153 @@
+"""Long runs on the user's path: ``kill -9`` and SIGTERM of ``main.py`` mid-epoch, then the same
+command, against an uninterrupted run (the data position, the optimizer, the schedule); SIGTERM
+to the ``--process-per-gpu`` launcher. The loopback-worker version is in test_distributed.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from test_distributed import _newest_step, _saved_steps, _wait_for
+from training_helpers import subprocess_env as _env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The command of the kill and SIGTERM tests, and the uninterrupted run they are compared with.
+def _main_command(run_dir, synth, *extra):
+    return [sys.executable, os.path.join(ROOT, "main.py"), "--run-dir", str(run_dir),
+            "--synthetic-dir", str(synth), "--synthetic-train-images", "24", "--synthetic-val-images", "4",
+            "--input-height", "64", "--input-width", "64", "--batch-size", "2", "--tiny-width", "8",
+            "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5", "--tau", "2",
+            "--epochs", "2", "--steps-per-epoch", "40", "--deterministic", "--steps-per-call", "2",
+            "--log-every-steps", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 80 steps of :func:`_main_command` without interruption (2 epochs of 40 steps over 24
+    pictures: passes over the data cross the epochs)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(_main_command(out / "run", out / "synth"), env=_env(), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _final_weights(run_dir):
+    from utils.predict import load_trained_model
+
+    model, _ = load_trained_model(os.path.join(run_dir, "final.weights.h5"))
+    return [w for w in model.get_weights()]
+
+
+def _assert_same_weights(run_a, run_b):
+    """Every weight (BatchNorm statistics included) of two runs' final models, to float
+    tolerance: the same pictures in the same order with the same augmentation and the same
+    optimizer state; a replayed or reshuffled stream moves them by orders of magnitude more."""
+    a, b = _final_weights(run_a), _final_weights(run_b)
+    assert len(a) == len(b)
+    worst = max(float(np.max(np.abs(x - y)) / (float(np.max(np.abs(x))) + 1e-6)) for x, y in zip(a, b))
+    assert worst < 1e-4, worst
+
+
+def test_kill_minus_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    cmd = _main_command(run_dir, uninterrupted / "synth", "--checkpoint-every-steps", "5")
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    killed_after = None
+    while time.time() < deadline and first.poll() is None:
+        steps = _saved_steps(run_dir / "checkpoints")
+        if steps and steps[-1] >= 10:
+            first.send_signal(signal.SIGKILL)
+            killed_after = steps[-1]
+            break
+        time.sleep(0.2)
+    first.wait(timeout=30)
+    assert killed_after is not None and killed_after < 40, "the first run did not reach a mid-epoch checkpoint"
+    newest = _newest_step(run_dir / "checkpoints")          # complete and registered at the kill
+    assert killed_after - 5 <= newest <= killed_after
+    assert first.returncode == -signal.SIGKILL
+
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    resumed_step = int(result["resumed_from"].rsplit("-", 1)[1])
+    assert resumed_step == newest and resumed_step % 5 == 0
+    assert "resumed from" in second.stderr and f"step {resumed_step}" in second.stderr
+    assert result["steps"] == 80 and result["epochs"] == 2     # same schedule, not restarted
+    # the optimizer state came back with the step: its iteration counter equals the global step
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
+    names = {n for n, _ in tf.train.list_variables(str(run_dir / "checkpoints"))}
+    step_key = next(n for n in names if n.startswith("step/"))
+    iter_key = next(n for n in names if n.startswith("optimizer/") and "iteration" in n)
+    assert reader.get_tensor(step_key) == 80 and reader.get_tensor(iter_key) == 80
+    _assert_same_weights(run_dir, uninterrupted / "run")
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path, uninterrupted):
+    """SIGTERM in the middle of epoch 1, no mid-epoch checkpoint configured: the run saves the
+    step it reached and exits with 75 within seconds ("preempted": true); the same command
+    resumes there and ends on step 80 with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    cmd = _main_command(run_dir, uninterrupted / "synth")
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        assert _wait_for(log, "Epoch 1/2", [first]), open(log).read()[-2000:]
+        time.sleep(3.0)
+        signalled = time.time()
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 75, open(log).read()[-3000:]
+    assert time.time() - signalled < 30
+    result = json.loads(open(log).read().strip().splitlines()[-1])
+    stopped = result["steps"]
+    assert result["preempted"] is True and 0 < stopped < 40 and result["epochs"] == 0
+    assert _saved_steps(run_dir / "checkpoints") == [stopped]
+    assert not (run_dir / "final.weights.h5").exists()
+
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"].endswith(f"ckpt-{stopped}") and result["steps"] == 80
+    assert result["preempted"] is False
+    _assert_same_weights(run_dir, uninterrupted / "run")
+
+
+def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes(tmp_path):
+    """``distribute_main.py --process-per-gpu`` (two CPU worker processes) signalled as a
+    scheduler does (SIGTERM to the launcher and its workers): the chief's console streams live,
+    both workers save the same step and the launcher exits with 75; the same command resumes
+    and finishes the planned steps."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu", "--gpus", "0,1", "--process-per-gpu",
+           "--run-dir", str(run_dir), "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
+           "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64", "--batch-size", "1",
+           "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
+           "--tau", "2", "--epochs", "1", "--steps-per-epoch", "120", "--steps-per-call", "2", "--deterministic"]
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
+        assert _wait_for(log, "Epoch 1/1", [launcher]), open(log).read()[-3000:]    # live, before any exit
+        time.sleep(3.0)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 75, open(log).read()[-3000:]
+    text = open(log).read()
+    result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    stopped = result["steps"]
+    assert result["preempted"] is True and 0 < stopped < 120
+    assert _saved_steps(run_dir / "checkpoints") == [stopped]
+    assert "error: worker process" not in text                 # no worker was killed as a failure
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["resumed_from"].endswith(f"ckpt-{stopped}") and result["steps"] == 120
