@@ -123,7 +123,7 @@ def test_two_workers_preempted_then_killed_resume_together_with_identical_weight
     device gives with the final weights."""
     from utils.training import worker_scratch_dir
 
-    steps, every = 60, 20
+    steps, every = 30, 10
     ckpts = tmp_path / "run" / "checkpoints"
     log = tmp_path / "chief.log"
     procs = _start_workers(tmp_path, synth_dir, steps, every, log=log)

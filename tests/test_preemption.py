@@ -2,6 +2,7 @@
 command, against an uninterrupted run (the data position, the optimizer, the schedule); SIGTERM
 to the ``--process-per-gpu`` launcher. The loopback-worker version is in test_distributed.py."""
 
+import glob
 import json
 import os
 import signal
@@ -37,6 +38,21 @@ def uninterrupted(tmp_path_factory):
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def _wait_for_training(run_dir, proc, timeout=240):
+    """Until the first call's losses reached TensorBoard (--log-every-steps 1): the steps run."""
+    deadline = time.time() + timeout
+    first_size = None
+    while time.time() < deadline and proc.poll() is None:
+        events = glob.glob(str(run_dir / "logs" / "events.out.tfevents.*"))
+        if events:
+            size = os.path.getsize(events[0])
+            first_size = size if first_size is None else first_size
+            if size > first_size:
+                return
+        time.sleep(0.1)
+    raise AssertionError("the run did not start training")
 
 
 def _final_weights(run_dir):
@@ -103,11 +119,11 @@ def test_sigterm_mid_epoch_saves_that_step_and_the_resumed_run_equals_the_uninte
     with open(log, "w") as out:
         first = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
         assert _wait_for(log, "Epoch 1/2", [first]), open(log).read()[-2000:]
-        time.sleep(3.0)
+        _wait_for_training(run_dir, first)
         signalled = time.time()
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 75, open(log).read()[-3000:]
-    assert time.time() - signalled < 30
+    assert time.time() - signalled < 20          # one call of 2 steps and a checkpoint
     result = json.loads(open(log).read().strip().splitlines()[-1])
     stopped = result["steps"]
     assert result["preempted"] is True and 0 < stopped < 40 and result["epochs"] == 0

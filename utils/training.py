@@ -343,7 +343,8 @@ class Trainer:
         start_step, seed = int(self.step.numpy()), int(self.data_seed.numpy())
         self.dist_dataset = self.strategy.distribute_datasets_from_function(
             lambda ctx: self.pipeline.dataset(input_context=ctx, repeat=True, start_step=start_step, seed=seed))
-        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "logs"))
+        # Flushed every 10 s (TensorBoard's default is 2 minutes): a live run shows live numbers.
+        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "logs"), flush_millis=10_000)
                        if self.is_chief else tf.summary.create_noop_writer())
         self._train_call = self._make_train_call()
 
@@ -766,7 +767,7 @@ class Trainer:
             # the chief's replicas carry score / (its replicas), the others' carry 0; likewise
             # the error flag.
             share = 1.0 / self.local_replicas if self.is_chief else 0.0
-            score = float(result.get("score", float("nan"))) if error is None else 0.0
+            score = float(result.get("score", float("nan"))) if self.is_chief and error is None else 0.0
             total, failed = self._sum_over_replicas([score * share, share if error else 0.0])
             if failed > 0.5:
                 raise ValueError(error or "the chief's evaluation failed (see its log); stopping")
