@@ -332,3 +332,26 @@ def test_an_evaluation_that_cannot_read_its_pictures_is_an_error_naming_the_fold
         strict(model)
     lenient = Evaluator(cfg, records=strict.records)
     assert lenient(model)["skipped_images"] == 1
+
+
+@pytest.mark.parametrize("wrong", ["val_images", "val_json"])
+def test_a_wrong_validation_path_stops_before_the_first_step(tmp_path, synth_dir, capsys, wrong):
+    """A wrong --val-images (every picture missing) or --val-json: main.py exits with 2 and one
+    line naming the path before any training step (no checkpoint, no Epoch line), instead of
+    scoring 0.0 at every evaluation or failing epochs later."""
+    import main
+
+    paths = os.path.join(synth_dir, os.listdir(synth_dir)[0])
+    given = {"train_json": os.path.join(paths, "train.json"), "train_images": os.path.join(paths, "train"),
+             "val_json": os.path.join(paths, "val.json"), "val_images": os.path.join(paths, "val")}
+    given[wrong] = str(tmp_path / ("no_such_folder" if wrong == "val_images" else "no_such.json"))
+    args = main.build_parser("test").parse_args(
+        ["--run-dir", str(tmp_path / "run"), "--dataset", "ai_challenger",
+         *[x for k, v in given.items() for x in ("--" + k.replace("_", "-"), v)],
+         "--input-height", "64", "--input-width", "64", "--batch-size", "2", "--tiny-width", "8",
+         "--tiny-stem-channels", "16", "--head-channels", "16", "--epochs", "1", "--steps-per-epoch", "2"])
+    assert main.run_cli(args) == 2
+    out = capsys.readouterr()
+    err = out.err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and given[wrong] in err and "Traceback" not in out.err
+    assert "Epoch 1/1" not in out.out and not (tmp_path / "run" / "checkpoints").exists()
