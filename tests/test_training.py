@@ -355,3 +355,36 @@ def test_a_wrong_validation_path_stops_before_the_first_step(tmp_path, synth_dir
     err = out.err.strip().splitlines()[-1]
     assert err.startswith("error: ") and given[wrong] in err and "Traceback" not in out.err
     assert "Epoch 1/1" not in out.out and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_learning_rate_schedules_against_values_computed_by_hand():
+    """SpmLearningRate, a pure function of the optimizer step: warm-up (step + 1) / W, then the
+    step schedule (x factor at each boundary epoch) or the cosine (the default presets')."""
+    from utils.training import SpmLearningRate
+
+    step = SpmLearningRate(1e-3, steps_per_epoch=10, total_steps=50, kind="step", decay_epochs=(2, 4),
+                           decay_factor=0.1, warmup_steps=5)
+    expected = {0: 1e-3 / 5, 2: 3e-3 / 5, 4: 1e-3, 19: 1e-3, 20: 1e-4, 39: 1e-4, 40: 1e-5, 49: 1e-5}
+    for s, lr in expected.items():
+        assert float(step(s)) == pytest.approx(lr, rel=1e-5), s
+    cosine = SpmLearningRate(1e-3, steps_per_epoch=10, total_steps=100, kind="cosine", warmup_steps=10)
+    expected = {0: 1e-4, 9: 1e-3, 10: 1e-3, 55: 5e-4, 70: 0.5e-3 * (1 + np.cos(np.pi * 60 / 90)), 100: 0.0}
+    for s, lr in expected.items():
+        assert float(cosine(s)) == pytest.approx(lr, rel=1e-5, abs=1e-12), s
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_weight_decay_shrinks_the_weights_by_lr_times_decay(optimizer):
+    """--weight-decay (AdamW for adam, SGD's own for sgd): a step with a zero gradient multiplies
+    each weight by 1 - lr x decay."""
+    import tensorflow as tf
+
+    from utils.training import build_optimizer
+
+    cfg = tiny_config("", optimizer=optimizer, weight_decay=0.1, lr=0.01, warmup_steps=0)
+    opt = build_optimizer(cfg, steps_per_epoch=10)
+    assert type(opt).__name__ == ("AdamW" if optimizer == "adam" else "SGD")
+    w = tf.Variable([[1.0, -2.0], [0.5, 4.0]])
+    opt.build([w])
+    opt.apply_gradients([(tf.zeros_like(w), w)])
+    np.testing.assert_allclose(w.numpy(), np.array([[1.0, -2.0], [0.5, 4.0]]) * (1 - 0.01 * 0.1), rtol=1e-6)
