@@ -2,7 +2,6 @@
 loss scaling on one replica's overflow, two loopback workers killed and resumed, ``kill -9`` of
 ``main.py`` then resume, ``distribute_main.py --process-per-gpu`` against MirroredStrategy."""
 
-import glob
 import json
 import os
 import signal
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from training_helpers import subprocess_env as _env
+from training_helpers import saved_steps, subprocess_env as _env, wait_for
 from utils.distribute import free_local_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,13 +68,6 @@ def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):
         assert float(r[f"eval_strategy_{k}"]) == float(r[f"eval_alone_{k}"]), k
 
 
-def _newest_step(ckpt_dir) -> int:
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(str(ckpt_dir))
-    return int(latest.rsplit("-", 1)[1])
-
-
 def _start_workers(out, synth_dir, steps, every, mode="worker", log=None):
     ports = free_local_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -99,20 +91,6 @@ def _wait(procs, timeout=300):
         assert p.returncode == 0, err[-3000:]
 
 
-def _wait_for(path, text, procs, timeout=240):
-    """Until ``text`` appears in the file ``path`` (a process's console), while ``procs`` run."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        if os.path.exists(path) and text in open(path).read():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _saved_steps(ckpts):
-    return sorted(int(os.path.basename(f)[5:-6]) for f in glob.glob(str(ckpts / "ckpt-*.index")))
-
-
 def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, synth_dir):
     """Two loopback workers (MultiWorkerMirroredStrategy). 1: SIGTERM to both, as a scheduler
     preempts: both save the same mid-epoch step, without a mid-epoch checkpoint due, and exit
@@ -126,7 +104,7 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     ckpts = tmp_path / "run" / "checkpoints"
     log = tmp_path / "chief.log"
     procs = _start_workers(tmp_path, synth_dir, steps, every, log=log)
-    assert _wait_for(log, "Epoch 1/1", procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+    assert wait_for(log, "Epoch 1/1", procs), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
     time.sleep(2.0)
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -134,7 +112,7 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     p0, p1 = np.load(tmp_path / "worker0_preempted.npz"), np.load(tmp_path / "worker1_preempted.npz")
     stopped = int(p0["steps"])
     assert 0 < stopped < steps and int(p1["steps"]) == stopped
-    assert _saved_steps(ckpts) == [stopped]
+    assert saved_steps(ckpts) == [stopped]
     scratch = worker_scratch_dir(str(tmp_path / "run"), 1)
     assert sorted(os.listdir(scratch)) == ["checkpoint", f"ckpt-{stopped}.data-00000-of-00001", f"ckpt-{stopped}.index"]
 
@@ -149,7 +127,7 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     for k in w0.files:
         if k.startswith("w"):
             np.testing.assert_array_equal(w0[k], w1[k])
-    assert _saved_steps(ckpts)[-1] == steps
+    assert saved_steps(ckpts)[-1] == steps
     assert not os.path.exists(scratch)                        # removed at the normal end
     # evaluation: the chief's score reached worker 1, and one device gives it from final weights
     from utils.evaluation import evaluate_model

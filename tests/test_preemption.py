@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from test_distributed import _newest_step, _saved_steps, _wait_for
-from training_helpers import subprocess_env as _env
+from training_helpers import newest_step, saved_steps, subprocess_env as _env, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +82,7 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
-        assert _wait_for(log, "Epoch 1/2", [first]), open(log).read()[-2000:]
+        assert wait_for(log, "Epoch 1/2", [first]), open(log).read()[-2000:]
         _wait_for_training(run_dir, first)
         signalled = time.time()
         first.send_signal(signal.SIGTERM)
@@ -92,14 +91,14 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
     result = json.loads(open(log).read().strip().splitlines()[-1])
     stopped = result["steps"]
     assert result["preempted"] is True and 0 < stopped < 40 and result["epochs"] == 0
-    assert _saved_steps(run_dir / "checkpoints") == [stopped]
+    assert saved_steps(run_dir / "checkpoints") == [stopped]
     assert not (run_dir / "final.weights.h5").exists()
 
     cmd = _main_command(run_dir, uninterrupted / "synth", "--checkpoint-every-steps", "5")
     second = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, killed_after = time.time() + 240, None
     while time.time() < deadline and second.poll() is None:
-        steps = _saved_steps(run_dir / "checkpoints")
+        steps = saved_steps(run_dir / "checkpoints")
         if steps and steps[-1] > stopped and steps[-1] < 40:
             second.send_signal(signal.SIGKILL)
             killed_after = steps[-1]
@@ -107,7 +106,7 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
         time.sleep(0.1)
     second.wait(timeout=30)
     assert killed_after is not None and second.returncode == -signal.SIGKILL, "no mid-epoch checkpoint reached"
-    newest = _newest_step(run_dir / "checkpoints")          # complete and registered at the kill
+    newest = newest_step(run_dir / "checkpoints")          # complete and registered at the kill
     assert newest in (stopped, killed_after) or killed_after - 5 <= newest <= killed_after
 
     third = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
@@ -140,7 +139,7 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes
     with open(log, "w") as out:
         launcher = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
-        assert _wait_for(log, "Epoch 1/1", [launcher]), open(log).read()[-3000:]    # live, before any exit
+        assert wait_for(log, "Epoch 1/1", [launcher]), open(log).read()[-3000:]    # live, before any exit
         time.sleep(3.0)
         os.killpg(launcher.pid, signal.SIGTERM)
         assert launcher.wait(timeout=120) == 75, open(log).read()[-3000:]
@@ -148,7 +147,7 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes
     result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
     stopped = result["steps"]
     assert result["preempted"] is True and 0 < stopped < 120
-    assert _saved_steps(run_dir / "checkpoints") == [stopped]
+    assert saved_steps(run_dir / "checkpoints") == [stopped]
     assert "error: worker process" not in text                 # no worker was killed as a failure
     second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -5,9 +5,11 @@ strategies that must be configured before TensorFlow starts (logical CPU devices
 in a fresh process.
 """
 
+import glob
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -162,6 +164,29 @@ def nan_at(*bad_steps: int, replica: int = -1):
         return [g + tf.where(bad, tf.constant(float("inf"), g.dtype), tf.constant(0.0, g.dtype)) for g in grads]
 
     return hook
+
+
+# ----------------------------------------------------------------------------- watching runs
+
+def newest_step(ckpt_dir) -> int:
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    return int(latest.rsplit("-", 1)[1])
+
+
+def wait_for(path, text, procs, timeout=240):
+    """Until ``text`` appears in the file ``path`` (a process's console), while ``procs`` run."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if os.path.exists(path) and text in open(path).read():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def saved_steps(ckpts):
+    return sorted(int(os.path.basename(f)[5:-6]) for f in glob.glob(str(ckpts / "ckpt-*.index")))
 
 
 def _trainable(trainer):

@@ -227,10 +227,6 @@ def worker_task(strategy: tf.distribute.Strategy):
     return task_type == "worker" and task_id == 0, task_id
 
 
-def is_chief_worker(strategy: tf.distribute.Strategy) -> bool:
-    """True on the worker that writes checkpoints, summaries and pictures."""
-    return worker_task(strategy)[0]
-
 
 class _Progress:
     """A Keras progress bar with the loss components, or nothing on non-chief workers."""
@@ -334,10 +330,10 @@ class Trainer:
             self.cfg.save(self.run_dir)                  # only now: every check has passed
             if self.resumed_from:
                 self._record_resume()
-        rate = learning_rate(cfg, self.global_batch)
         if cfg.train.lr_base_batch and self.is_chief:
-            log.info("learning rate %.4g = lr %.4g x global batch %d / lr_base_batch %d", rate,
-                     cfg.train.lr, self.global_batch, cfg.train.lr_base_batch)
+            log.info("learning rate %.4g = lr %.4g x global batch %d / lr_base_batch %d",
+                     learning_rate(cfg, self.global_batch), cfg.train.lr, self.global_batch,
+                     cfg.train.lr_base_batch)
         # Each input pipeline (one per worker) takes its replicas' share of every global batch
         # and starts where the restored step left the stream (nothing is read to get there).
         start_step, seed = int(self.step.numpy()), int(self.data_seed.numpy())
@@ -445,10 +441,16 @@ class Trainer:
     def _agreed_seed(self) -> int:
         """The data seed of a new run, the same on every worker: ``cfg.data.seed`` with
         --deterministic, otherwise the chief's pipeline's random one."""
-        seed = int(self.cfg.data.seed) if self.cfg.data.deterministic else int(getattr(self.pipeline, "seed", 0))
-        if self.replicas > 1 and not self.cfg.data.deterministic:
-            seed = int(round(self._sum_over_replicas([seed / self.local_replicas if self.is_chief else 0.0])[0]))
-        return seed
+        if self.cfg.data.deterministic:
+            return int(self.cfg.data.seed)
+        return int(round(self._from_chief([int(getattr(self.pipeline, "seed", 0))])[0]))
+
+    def _from_chief(self, values: Sequence[float]) -> List[float]:
+        """The chief's ``values`` on every worker (every worker must call it): in a sum over
+        all replicas the chief's replicas carry ``value / (its replicas)``, the others 0."""
+        if self.replicas == 1:
+            return [float(v) for v in values]
+        return self._sum_over_replicas([float(v) / self.local_replicas if self.is_chief else 0.0 for v in values])
 
     def _sum_over_replicas(self, values: Sequence[float]) -> List[float]:
         """The sums of ``values`` over all replicas of all workers (every worker must call it)."""
@@ -629,10 +631,8 @@ class Trainer:
         skipped_updates = int(history[-1].get("skipped_updates", 0)) if history else 0
         epoch = int(self.epoch.numpy())
         done = bool(history) and history[-1]["epoch"] == epoch and "score" in history[-1]
-        pending = int(self.eval_pending.numpy()) and not done
-        if self.replicas > 1:                  # the chief's history decides, for every worker
-            pending = self._sum_over_replicas([float(bool(pending)) / self.local_replicas
-                                               if self.is_chief else 0.0])[0] > 0.5
+        # The chief's history decides, for every worker.
+        pending = self._from_chief([float(bool(int(self.eval_pending.numpy()) and not done))])[0] > 0.5
         if pending:
             # The run stopped during the evaluation that follows its last epoch-end checkpoint.
             if not history or history[-1]["epoch"] != epoch:
@@ -643,7 +643,7 @@ class Trainer:
         last_eval: Dict[str, Any] = history[-1] if history else {}
         data_iter = iter(self.dist_dataset)
         log_every = max(1, cfg.train.log_every_steps)
-        minutes = cfg.train.checkpoint_every_minutes
+        minutes, every = cfg.train.checkpoint_every_minutes, cfg.train.checkpoint_every_steps
         last_save = time.monotonic()
         preempted = False
         while int(self.epoch.numpy()) < epochs and not preempted:
@@ -672,7 +672,6 @@ class Trainer:
                         tf.summary.scalar("skipped_updates", skipped_updates)
                         if "loss_scale" in losses:
                             tf.summary.scalar("loss_scale", losses["loss_scale"])
-                every = cfg.train.checkpoint_every_steps
                 if losses["stop"]:
                     preempted = True
                     if self.is_chief:
@@ -755,26 +754,17 @@ class Trainer:
             try:
                 if self.evaluate_fn is not None:
                     result = self.evaluate_fn(self.model, self.cfg)
-                else:
-                    if final not in self._evaluators:
-                        self._evaluators[final] = Evaluator(self.cfg, flip=self.cfg.train.eval_flip, subset=not final,
-                                                            max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION)
+                else:                          # built by _check_inputs on the chief
                     result = self._evaluators[final](self.model, writer=self.writer, step=int(self.step.numpy()))
             except (ValueError, FileNotFoundError) as e:
                 error = str(e)
-        if self.replicas > 1:
-            # The score travels in an all-reduce that the other workers are already waiting in:
-            # the chief's replicas carry score / (its replicas), the others' carry 0; likewise
-            # the error flag.
-            share = 1.0 / self.local_replicas if self.is_chief else 0.0
-            score = float(result.get("score", float("nan"))) if self.is_chief and error is None else 0.0
-            total, failed = self._sum_over_replicas([score * share, share if error else 0.0])
-            if failed > 0.5:
-                raise ValueError(error or "the chief's evaluation failed (see its log); stopping")
-            result = dict(result, score=total)
-        elif error is not None:
-            raise ValueError(error)
-        return result
+        # The score and the error flag travel in an all-reduce that the other workers are already
+        # waiting in.
+        score = float(result.get("score", float("nan"))) if error is None else 0.0
+        score, failed = self._from_chief([score, float(error is not None)])
+        if failed > 0.5:
+            raise ValueError(error or "the chief's evaluation failed (see its log); stopping")
+        return dict(result, score=score) if self.replicas > 1 else result
 
     def _history_path(self):
         return os.path.join(self.run_dir, "history.json")

@@ -44,11 +44,12 @@ import numpy as np
 import tensorflow as tf
 
 from config import get_preset
-from dataset.pipeline import InputPipeline
+from dataset.pipeline import InputPipeline, SkipCounter
 from nets.hrnet import conv_macs
 from nets.spm_model import build_spm_model
 from utils.export import SIGNATURE, export_saved_model
 from utils.predict import Predictor
+from tools.benchmarks.pipeline import images_per_s
 from utils.training import Trainer
 
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -59,7 +60,7 @@ class InMemoryPipeline:
 
     def __init__(self, batch, records: int):
         self.batch, self.records = batch, records
-        self.skipped = type("NoSkips", (), {"count": 0, "summary": lambda self: "no image skipped"})()
+        self.skipped = SkipCounter()                # nothing is read: nothing is ever skipped
 
     def __len__(self):
         return self.records
@@ -68,7 +69,7 @@ class InMemoryPipeline:
         return tf.data.Dataset.from_tensors(self.batch).repeat()
 
 
-def _images_per_s(trainer: Trainer, iterator, steps: int, batch: int, per_call: int) -> float:
+def _train_images_per_s(trainer: Trainer, iterator, steps: int, batch: int, per_call: int) -> float:
     trainer.run_steps(iterator, per_call)                       # trace, warm up
     start = time.perf_counter()
     for _ in range(max(1, steps // per_call)):
@@ -95,12 +96,12 @@ def _train_row(cfg, batch: int, precision: str, xla: bool, steps: int, per_call:
         real = InputPipeline(run_cfg, "train")
         trainer = Trainer(run_cfg, evaluate_fn=lambda model, cfg: {"score": 0.0}, pipeline=real)
         iterator = iter(trainer.dist_dataset)
-        row["pipeline_images_per_s"] = round(_images_per_s(trainer, iterator, steps, batch, per_call), 2)
+        row["pipeline_images_per_s"] = round(_train_images_per_s(trainer, iterator, steps, batch, per_call), 2)
         batch_data = next(iter(real.dataset(repeat=True)))
         del iterator
         trainer.pipeline = InMemoryPipeline(batch_data, len(real))
         memory = trainer.strategy.distribute_datasets_from_function(lambda ctx: trainer.pipeline.dataset(ctx))
-        row["in_memory_images_per_s"] = round(_images_per_s(trainer, iter(memory), steps, batch, per_call), 2)
+        row["in_memory_images_per_s"] = round(_train_images_per_s(trainer, iter(memory), steps, batch, per_call), 2)
         row["input_share"] = round(1.0 - row["pipeline_images_per_s"] / row["in_memory_images_per_s"], 3)
         row["peak_gpu_mb"] = _gpu_peak_mb()
     except (tf.errors.ResourceExhaustedError, tf.errors.InternalError, tf.errors.UnimplementedError,
@@ -116,12 +117,9 @@ def _train_row(cfg, batch: int, precision: str, xla: bool, steps: int, per_call:
 def _pipeline_rate(cfg, batches: int) -> float:
     pipeline = InputPipeline(cfg.replace(num_parallel_calls=-1), "train")
     iterator = iter(pipeline.dataset(repeat=True))
-    for _ in range(3):
+    for _ in range(3):                          # warm-up: thread pools, autotuning
         next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    rate = batches * cfg.data.batch_size / (time.perf_counter() - start)
+    rate = images_per_s(iterator, batches, lambda batch: int(batch[0].shape[0]))
     del iterator
     return rate
 

@@ -90,7 +90,8 @@ def _stage_costs(pipeline: InputPipeline, batches: int, batch_size: int) -> Dict
     return {k: round(1000.0 * v / (batches * batch_size), 3) for k, v in totals.items()}
 
 
-def _rate(iterator, count: int, size_of) -> float:
+def images_per_s(iterator, count: int, size_of) -> float:
+    """Images per second over ``count`` elements of ``iterator``; ``size_of(element)`` images each."""
     start = time.perf_counter()
     images = 0
     for _ in range(count):
@@ -154,14 +155,14 @@ def run_benchmark(name: str, argv: List[str]) -> dict:
     decode_rates, pipeline_rates = [], []
     for _ in range(args.rounds):
         decode_iter = iter(decode)
-        _rate(decode_iter, 3 * args.batch_size, lambda x: 1)
-        decode_rates.append(_rate(decode_iter, args.batches * args.batch_size, lambda x: 1))
+        images_per_s(decode_iter, 3 * args.batch_size, lambda x: 1)
+        decode_rates.append(images_per_s(decode_iter, args.batches * args.batch_size, lambda x: 1))
         del decode_iter
         iterator = iter(dataset_)
         images, labels = next(iterator)
         for _ in range(3):                      # warm-up: thread pools, autotuning
             next(iterator)
-        pipeline_rates.append(_rate(iterator, args.batches, lambda batch: int(batch[0].shape[0])))
+        pipeline_rates.append(images_per_s(iterator, args.batches, lambda batch: int(batch[0].shape[0])))
         # The iterator's threads call into Python: end them before the interpreter shuts down.
         del iterator
         gc.collect()
