@@ -20,13 +20,15 @@ the skip counter and builds the datasets:
   ``[B, h, w, 1]``, ``disp``, ``disp_weight`` ``[B, h, w, 2J]``; with ``--joint-heatmaps`` also
   ``heatmaps``, ``heatmap_weight`` ``[B, h, w, J]``). Training shuffles the records
   anew every epoch, augments and drops the last partial batch; validation does neither.
-* ``pipeline.eval_dataset(batch_size=None)`` -> batches of ``(images, info)`` for evaluation:
-  ``info["index"]`` int64 ``[B]`` (index into ``pipeline.records``), ``info["letterbox"]``
+* ``pipeline.eval_dataset(batch_size=None, sizes=())`` -> batches of ``(images, info)`` for
+  evaluation, ``images`` uint8 ``[B, H, W, 3]`` (cast on the device), ``info["index"]`` int64 ``[B]`` (index into ``pipeline.records``), ``info["letterbox"]``
   float32 ``[B, 4]`` = ``sx, sy, pad_x, pad_y`` (the form of ``Letterbox.as_array`` and
   ``letterbox_tf``) and ``info["image_hw"]`` int32 ``[B, 2]``, the decoded image size. A
   network-input point maps back to the original image as ``x = (x' - pad_x) / sx``,
   ``y = (y' - pad_y) / sy``; or rebuild the ``Letterbox`` with
-  ``letterbox_params(h, w, H, W)`` and use ``dataset.letterbox.to_original``.
+  ``letterbox_params(h, w, H, W)`` and use ``dataset.letterbox.to_original``. Each of ``sizes``
+  (multi-scale testing) adds the original picture letterboxed to that size
+  (``info["scaled_images"]``, ``info["scaled_letterboxes"]``).
 * ``pipeline.samples(indices, seed)`` -> list of :class:`Sample`: the same work for one batch
   in plain Python, with the NumPy reference encoder's targets (``sample(index, seed)``: a batch
   of one); used by tests and for looking at the data.
@@ -206,7 +208,13 @@ class SkipCounter:
 def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], Optional[int]]] = None,
                rgb: bool = False) -> np.ndarray:
     """uint8 BGR (``rgb``: RGB, decoded so) ``[h, w, 3]`` of an image file; ImageError when it
-    cannot be used."""
+    cannot be used.
+
+    Which pixels (the one rule, also kept by the SavedModel: ``dataset.exif``): a photo as a
+    viewer shows it, its EXIF orientation applied, except when the annotation gives the
+    picture's size (``expected_hw``, COCO's ``width``/``height``) and the stored pixels have that
+    size: then the stored pixels, which the annotation's coordinates refer to. A picture whose
+    size matches neither is an ImageError ("size differs from the annotation")."""
     if not path:
         raise ImageError(str(path), "no image path")
     try:
@@ -217,13 +225,18 @@ def read_image(path: Optional[str], expected_hw: Optional[Tuple[Optional[int], O
     except OSError as e:
         raise ImageError(path, "unreadable file", e.strerror or str(e)) from None
     flag = cv2.IMREAD_COLOR_RGB if rgb else cv2.IMREAD_COLOR
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
+    buffer = np.frombuffer(data, np.uint8)
+    annotated = expected_hw is not None and None not in expected_hw
+    image = cv2.imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION if annotated else flag) if data else None
     if image is None:
         raise ImageError(path, "corrupt image", "OpenCV cannot decode it")
-    if expected_hw is not None and None not in expected_hw and tuple(image.shape[:2]) != tuple(expected_hw):
-        raise ImageError(path, "size differs from the annotation",
-                         f"{image.shape[1]}x{image.shape[0]} on disk, "
-                         f"{expected_hw[1]}x{expected_hw[0]} annotated")
+    if annotated and tuple(image.shape[:2]) != tuple(expected_hw):
+        shown = cv2.imdecode(buffer, flag)              # the annotation may refer to the viewer's pixels
+        if shown is None or tuple(shown.shape[:2]) != tuple(expected_hw):
+            raise ImageError(path, "size differs from the annotation",
+                             f"{image.shape[1]}x{image.shape[0]} on disk, "
+                             f"{expected_hw[1]}x{expected_hw[0]} annotated")
+        image = shown
     return image
 
 
@@ -334,14 +347,6 @@ class InputPipeline:
 
     # ------------------------------------------------------------------ Python side
 
-    def _load(self, index: int) -> Tuple[np.ndarray, Letterbox, ImageRecord]:
-        """Letterboxed uint8 RGB image of record ``index`` (ImageError when unusable)."""
-        record = self.records[index]
-        rgb = read_image(record.image_path, (record.height, record.width), rgb=True)
-        lb = letterbox_params(rgb.shape[0], rgb.shape[1], *self.input_hw)
-        image = letterbox_image(rgb, lb)
-        return image, lb, record
-
     def _read(self, index: int):
         """``(rgb, letterbox, keypoints, boxes, ignore mask or None)`` of record ``index``, the
         points in network-input coordinates, the mask at the picture's size; ImageError when the
@@ -443,15 +448,22 @@ class InputPipeline:
         return (np.zeros((p, j, 3), np.float32), np.zeros((p, 4), np.float32),
                 np.zeros((h, (w + 7) // 8), np.uint8))
 
-    def _eval_element(self, index):
-        """numpy_function body: (image, letterbox [4], image_hw [2], ok)."""
+    def _eval_element(self, index, sizes=()):
+        """numpy_function body: (image, letterbox [4], image_hw [2], ok, then per extra input
+        size of multi-scale testing its image and letterbox [S, 4], each from the original)."""
+        blank = [np.zeros((int(h), int(w), 3), np.uint8) for h, w in sizes]
         try:
-            image, lb, _ = self._load(int(index))
+            record = self.records[int(index)]
+            rgb = read_image(record.image_path, (record.height, record.width), rgb=True)
         except ImageError as e:
             self.skipped.add(e)
             return (np.zeros((*self.input_hw, 3), np.uint8), np.zeros(4, np.float32),
-                    np.zeros(2, np.int32), False)
-        return image, lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True
+                    np.zeros(2, np.int32), False, *blank, np.zeros((len(sizes), 4), np.float32))
+        lb = letterbox_params(rgb.shape[0], rgb.shape[1], *self.input_hw)
+        boxes = [letterbox_params(rgb.shape[0], rgb.shape[1], int(h), int(w)) for h, w in sizes]
+        return (letterbox_image(rgb, lb), lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True,
+                *[letterbox_image(rgb, box) for box in boxes],
+                np.array([box.as_array() for box in boxes], np.float32).reshape(len(sizes), 4))
 
     # ------------------------------------------------------------------ tf.data
 
@@ -531,26 +543,39 @@ class InputPipeline:
         ds = ds.map(prepare, **self._map_kwargs())
         return self._finish(ds, input_context)
 
-    def eval_dataset(self, batch_size: Optional[int] = None):
-        """Batches of ``(images, info)`` in record order, for evaluation (module docstring)."""
+    def eval_dataset(self, batch_size: Optional[int] = None, sizes: Sequence[Tuple[int, int]] = ()):
+        """Batches of ``(images, info)`` in record order, for evaluation (module docstring).
+
+        ``images`` stay uint8 (the consumer casts them on its device: a quarter of the bytes of
+        float32). ``sizes``: further network input sizes (multi-scale testing); each picture is
+        then also letterboxed from the original to each of them, in ``info["scaled_images"]``
+        (a tuple of uint8 batches) and ``info["scaled_letterboxes"]`` [B, S, 4].
+        """
         batch_size = int(batch_size or self.cfg.data.batch_size)
         h, w = self.input_hw
+        sizes = [(int(a), int(b)) for a, b in sizes]
 
         def prepare(index):
-            image, lb, hw, ok = tf.numpy_function(self._eval_element, [index],
-                                                  [tf.uint8, tf.float32, tf.int32, tf.bool],
-                                                  name="prepare_eval_image")
+            out = tf.numpy_function(lambda i: self._eval_element(i, sizes), [index],
+                                    [tf.uint8, tf.float32, tf.int32, tf.bool] + [tf.uint8] * len(sizes) + [tf.float32],
+                                    name="prepare_eval_image")
+            image, lb, hw, ok = out[:4]
             image.set_shape((h, w, 3))
             lb.set_shape((4,))
             hw.set_shape((2,))
             ok.set_shape(())
-            return image, {"index": index, "letterbox": lb, "image_hw": hw}, ok
+            info = {"index": index, "letterbox": lb, "image_hw": hw}
+            if sizes:
+                for x, size in zip(out[4:-1], sizes):
+                    x.set_shape((*size, 3))
+                out[-1].set_shape((len(sizes), 4))
+                info.update(scaled_images=tuple(out[4:-1]), scaled_letterboxes=out[-1])
+            return image, info, ok
 
         ds = tf.data.Dataset.range(len(self.records))
         ds = ds.map(prepare, num_parallel_calls=self._parallel(), deterministic=True)
         ds = ds.filter(_is_ok).map(_drop_ok)
         ds = ds.batch(batch_size)
-        ds = ds.map(_images_to_float)
         return self._finish(ds, None)
 
     def _parallel(self) -> int:
@@ -582,10 +607,6 @@ def _is_ok(image, labels, ok):
 
 def _drop_ok(image, labels, ok):
     return image, labels
-
-
-def _images_to_float(images, labels):
-    return tf.cast(images, tf.float32), labels
 
 
 # ----------------------------------------------------------------------------- errors

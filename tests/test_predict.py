@@ -67,22 +67,86 @@ def test_predictor_flip_equals_the_average_of_the_two_maps_decoded(run_dir):
     np.testing.assert_allclose(got.scores.numpy(), by_hand.scores.numpy(), atol=1e-6)
 
 
-def test_scales_average_maps_brought_to_the_scale_1_map(run_dir):
-    """Scale 2 alone: the input resized x2, its maps resized back to the 16x16 maps with the
-    displacements halved, decoded with the training Z."""
+def test_each_scale_runs_on_the_original_picture_letterboxed_at_its_own_size(run_dir):
+    """Scale 2 of a 100x100 picture at the 64x64 input: the network sees the picture letterboxed
+    at 128x128 (its pixels, not the 64x64 letterbox blurred up), its 32x32 maps brought back to
+    the 16x16 maps with the displacements halved; the earlier resize of the letterbox gives
+    other poses."""
+    from dataset.letterbox import letterbox_image, letterbox_params
     from nets.spr import decode
+    from utils.predict import Predictor, letterbox_scales, load_trained_model, predict_images
+
+    model, cfg = load_trained_model(run_dir)
+    picture = _image(100, 100, 6)
+    base, base_box, scaled = letterbox_scales(picture, 64, 64, (1.0, 2.0))
+    (x2, box2), = scaled
+    np.testing.assert_array_equal(x2, letterbox_image(picture, letterbox_params(100, 100, 128, 128)))
+    np.testing.assert_array_equal(base, letterbox_image(picture, letterbox_params(100, 100, 64, 64)))
+    out = model(tf.constant(x2[None], tf.float32), training=False)
+    root = tf.image.resize(out["root"], (16, 16), method="bilinear")   # exact here: 2x, no padding
+    disp = tf.image.resize(out["disp"], (16, 16), method="bilinear") * 0.5
+    by_hand = decode(root, disp, cfg.skeleton, cfg.spr)
+    got, = predict_images(Predictor(model, cfg, scales=(2.0,)), [picture])
+    n = int(by_hand.num_people[0])
+    assert n == len(got.poses) == 8
+    np.testing.assert_allclose(got.poses, by_hand.poses[0, :n].numpy() * 100 / 64, atol=2e-3)
+    blurred = model(tf.image.resize(tf.constant(base[None], tf.float32), (128, 128)), training=False)
+    old = decode(tf.image.resize(blurred["root"], (16, 16)), tf.image.resize(blurred["disp"], (16, 16)) * 0.5,
+                 cfg.skeleton, cfg.spr)
+    assert np.abs(old.poses[0, :n].numpy() - by_hand.poses[0, :n].numpy()).max() > 0.5
+
+
+def _blob_model(images, training=False):
+    """A network known in closed form: root = the red channel averaged over 4x4 cells, every
+    displacement (4, -2) cells of its own map."""
+    root = tf.nn.avg_pool2d(images[..., :1], 4, 4, "VALID") / 255.0
+    ones = tf.ones_like(root)
+    return {"root": root, "disp": tf.concat([4.0 * ones, -2.0 * ones] * 14, axis=-1)}
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.3, 2.0])
+def test_scale_maps_land_on_the_scale_1_map_whatever_the_rounding(scale):
+    """A bright blob at a known place of a 150x90 picture, base input 64x96: at scale 1.3 the
+    input is 96x128 (another aspect ratio: other padding), at 0.5 32x64. The scale's root map,
+    resampled through the two letterboxes, peaks where the scale-1 map does (centroids within a
+    tenth of a cell), and its displacements are the scale's (4, -2) in scale-1 cells."""
+    from config.skeletons import get_skeleton
+    from utils.predict import letterbox_scales, network_maps
+
+    yy, xx = np.mgrid[0:90, 0:150]
+    picture = np.zeros((90, 150, 3), np.uint8)
+    picture[..., 0] = (255 * np.exp(-((xx - 100.0) ** 2 + (yy - 40.0) ** 2) / (2 * 12.0 ** 2))).astype(np.uint8)
+    skeleton = get_skeleton("ai_challenger")
+    base, box, scaled = letterbox_scales(picture, 64, 96, (scale,))
+
+    def maps(scales, views):
+        root, disp = network_maps(_blob_model, tf.constant(base[None]), skeleton, False, scales,
+                                  tf.constant(box.as_array()[None]),
+                                  [(tf.constant(x[None]), tf.constant(b.as_array()[None])) for x, b in views])
+        return root.numpy()[0, ..., 0], disp.numpy()[0]
+
+    ref, _ = maps((1.0,), [])
+    got, disp = maps((scale,), scaled)
+    assert got.shape == ref.shape == (16, 24)
+
+    def centroid(m):
+        w = np.clip(m - 0.3 * m.max(), 0, None)
+        gy, gx = np.mgrid[0:m.shape[0], 0:m.shape[1]]
+        return np.array([(w * gx).sum(), (w * gy).sum()]) / w.sum()
+
+    np.testing.assert_allclose(centroid(got), centroid(ref), atol=0.1)
+    a = scaled[0][1].scale_x / box.scale_x, scaled[0][1].scale_y / box.scale_y
+    inside = got > 0.2 * got.max()
+    np.testing.assert_allclose(disp[inside][:, 0], 4.0 / a[0], rtol=1e-5)
+    np.testing.assert_allclose(disp[inside][:, 1], -2.0 / a[1], rtol=1e-5)
+
+
+def test_multi_scale_needs_each_scale_input(run_dir):
     from utils.predict import Predictor, load_trained_model
 
     model, cfg = load_trained_model(run_dir)
-    x = tf.constant(_image(64, 64, 6)[None], tf.float32)
-    out = model(tf.image.resize(x, (128, 128), method="bilinear"), training=False)
-    root = tf.image.resize(out["root"], (16, 16), method="bilinear")
-    disp = tf.image.resize(out["disp"], (16, 16), method="bilinear") * 0.5
-    by_hand = decode(root, disp, cfg.skeleton, cfg.spr)
-    got = Predictor(model, cfg, scales=(2.0,))(x)
-    np.testing.assert_allclose(got.poses.numpy(), by_hand.poses.numpy(), atol=1e-3)
-    both = Predictor(model, cfg, scales=(1.0, 2.0))(x)
-    assert np.isfinite(both.poses.numpy()).all() and int(both.num_people[0]) == 8
+    with pytest.raises(ValueError, match="letterbox_scales"):
+        Predictor(model, cfg, scales=(1.0, 2.0))(tf.zeros([1, 64, 64, 3]))
 
 
 def test_long_side_keeps_the_aspect_ratio_and_maps_back_to_the_image(run_dir):

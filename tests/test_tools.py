@@ -78,7 +78,7 @@ def test_spm_model_test_draws_pictures_and_skips_unreadable_images(run_and_data,
     out = tmp_path / "out"
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "broken.jpg: unreadable image, skipped" in r.stderr
+    assert "broken.jpg: corrupt image: OpenCV cannot decode it, skipped" in r.stderr
     written = sorted(os.listdir(out))
     assert written == sorted(os.path.splitext(n)[0] + "_spm.png" for n in names)
     drawn = cv2.imread(str(out / written[0]))

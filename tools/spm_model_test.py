@@ -13,7 +13,9 @@ window 2 * dist + 1), ``--netH``/``--netW`` (network input size; the weights are
 ``--long-side N`` runs each picture at its own input size (aspect ratio kept, long side N, padded to
 a multiple of 32); ``--flip`` and ``--scales`` average the maps of mirrored and rescaled inputs;
 ``--json FILE`` writes the poses of every picture in the AI Challenger submission format (image id
-= file stem) in the picture's pixels. Prints the latency per frame, and frames/s for a video.
+= file stem) in the picture's pixels: a photo as a viewer shows it (EXIF orientation applied, as the
+SavedModel does). ``--batch-size N`` runs N pictures of a folder at a time (memory stays flat in
+the number of pictures). Prints the latency per frame, and frames/s for a video.
 """
 
 import argparse
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", default="1", help="multi-scale testing, e.g. 0.5,1,2 (default 1)")
     parser.add_argument("--long-side", type=int, default=0,
                         help="each picture at its own input size with this long side (multiple of 32)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="pictures of a folder run together (memory grows with it; --long-side runs one at a time)")
     parser.add_argument("--json", default=None, help="also write the poses as AI Challenger submission json")
     parser.add_argument("--show", action="store_true", help="also show a window (needs a display)")
     parser.add_argument("--config", default=None, help="config.json to build the model from")
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         files = list_images(args.imgs) if args.imgs else None
         if args.video and not os.path.isfile(args.video):
             raise FileNotFoundError(f"{args.video}: no such video file")
@@ -106,24 +112,38 @@ def main(argv=None) -> int:
     latencies = []
     if files is not None:
         written = 0
-        for path in files:
-            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-            if bgr is None or bgr.size == 0:
-                print(f"warning: {path}: unreadable image, skipped", file=sys.stderr)
+        stop = False
+        for first in range(0, len(files), args.batch_size):
+            paths, pictures = [], []
+            for path in files[first:first + args.batch_size]:
+                try:
+                    pictures.append(predict.read_rgb(path))      # as a viewer shows it (EXIF applied)
+                    paths.append(path)
+                except predict.ImageError as e:
+                    print(f"warning: {e}, skipped", file=sys.stderr)
+            if not pictures:
                 continue
-            drawn, prediction, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-            n = len(prediction.poses)
-            latencies.append(ms)
-            stem = os.path.splitext(os.path.basename(path))[0]
-            submission.append(aic_prediction(stem, prediction.poses))
-            out = os.path.join(args.output, stem + "_spm.png")
-            cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-            written += 1
-            print(f"{path}: {n} people, {ms:.1f} ms -> {out}")
-            if show:
-                cv2.imshow("spm", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-                if cv2.waitKey(0) & 0xFF == ord("q"):
-                    break
+            start = time.perf_counter()
+            predictions = predict.predict_images(predictor, pictures, long_side=args.long_side,
+                                                 batch_size=args.batch_size)
+            ms = (time.perf_counter() - start) * 1000 / len(pictures)
+            for path, rgb, prediction in zip(paths, pictures, predictions):
+                drawn = draw_prediction(rgb, prediction, cfg.skeleton)
+                n = len(prediction.poses)
+                latencies.append(ms)
+                stem = os.path.splitext(os.path.basename(path))[0]
+                submission.append(aic_prediction(stem, prediction.poses))
+                out = os.path.join(args.output, stem + "_spm.png")
+                cv2.imwrite(out, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                written += 1
+                print(f"{path}: {n} people, {ms:.1f} ms -> {out}")
+                if show:
+                    cv2.imshow("spm", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                    if cv2.waitKey(0) & 0xFF == ord("q"):
+                        stop = True
+                        break
+            if stop:
+                break
         if not written:
             print(f"error: no readable image in {args.imgs}", file=sys.stderr)
             return 2

@@ -6,10 +6,12 @@ image's own pixels), ``scores`` float32 ``[B, K]``, ``roots`` float32 ``[B, K, 2
 its people by decreasing score, the rest are zeros):
 
 * ``serving_default``: ``images`` string ``[B]``, encoded JPEG or PNG bytes of any sizes (what a
-  server receives; TF Serving's REST API takes them as ``{"b64": ...}``);
+  server receives; TF Serving's REST API takes them as ``{"b64": ...}``), decoded as the Python
+  tools decode a photo (EXIF orientation applied, ``dataset.exif``), poses in those pixels;
 * ``images``: ``images`` uint8 ``[B, H, W, 3]`` RGB, one size per batch.
 
-Per image the letterbox (``dataset.letterbox.letterbox_tf``, the geometry of training), then for
+Per image the letterbox (``dataset.letterbox.letterbox_tf``, the geometry of training; with
+multi-scale testing one per scale, each from the original picture), then for
 the batch the network (with flip and scale averaging when exported so,
 ``utils.predict.network_maps``), the SPR decoder with the training Z, and the mapping back to the
 image all run inside the graph.
@@ -32,9 +34,10 @@ import keras
 import tensorflow as tf
 
 from config import Config
+from dataset.exif import decode_photo
 from dataset.letterbox import letterbox_tf
 from nets.spr import decode
-from utils.predict import network_maps
+from utils.predict import network_maps, scaled_input_size
 
 SIGNATURE = "serving_default"     # encoded image bytes
 IMAGES_SIGNATURE = "images"       # uint8 pixels
@@ -47,17 +50,26 @@ def build_serving_module(model, cfg: Config, flip: bool = False, scales: Sequenc
     H, W = cfg.data.input_height, cfg.data.input_width
     scales = tuple(float(s) for s in scales)
 
+    sizes = [scaled_input_size(H, W, s) for s in scales if s != 1.0]
+    # one picture -> its scale-1 letterbox, then each other scale's, all from the original
+    signature = (tf.TensorSpec([H, W, 3], tf.float32), tf.TensorSpec([4], tf.float32),
+                 tuple(tf.TensorSpec([h, w, 3], tf.float32) for h, w in sizes),
+                 tuple(tf.TensorSpec([4], tf.float32) for _ in sizes))
+
     def letterboxed(one):
-        return letterbox_tf(one, H, W)
+        x, params = letterbox_tf(one, H, W)
+        others = [letterbox_tf(one, h, w) for h, w in sizes]
+        return x, params, tuple(o[0] for o in others), tuple(o[1] for o in others)
 
     class SpmServing(tf.Module):
         def __init__(self):
             super().__init__(name="spm_serving")
             self.model = model
 
-        def _poses(self, x, params):
+        def _poses(self, x, params, scaled_x, scaled_params):
             """Network and decoder on a letterboxed batch; poses mapped back per image."""
-            maps = network_maps(self.model, x, skeleton, flip, scales)     # root, disp[, heatmaps]
+            maps = network_maps(self.model, x, skeleton, flip, scales, params,
+                                list(zip(scaled_x, scaled_params)))     # root, disp[, heatmaps]
             dec = decode(maps[0], maps[1], skeleton, spr, *maps[2:])
             scale, pad = params[:, None, None, :2], params[:, None, None, 2:]
             valid = tf.sequence_mask(dec.num_people, spr.max_people)
@@ -68,25 +80,17 @@ def build_serving_module(model, cfg: Config, flip: bool = False, scales: Sequenc
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serve_encoded(self, images):
             def one(data):
-                # JPEG decoded as OpenCV decodes it in training (libjpeg's accurate integer
-                # IDCT; TF's default fast IDCT differs by up to 8 grey levels); PNG and others
-                # losslessly.
-                image = tf.cond(tf.io.is_jpeg(data),
-                                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                                lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+                # decoded as the Python tools decode a photo (dataset.exif: EXIF orientation applied)
+                image = decode_photo(data)
                 tf.debugging.assert_positive(tf.size(image), message="empty image")
                 return letterboxed(image)
 
-            x, params = tf.map_fn(one, images, fn_output_signature=(
-                tf.TensorSpec([H, W, 3], tf.float32), tf.TensorSpec([4], tf.float32)))
-            return self._poses(x, params)
+            return self._poses(*tf.map_fn(one, images, fn_output_signature=signature))
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
         def serve_images(self, images):
             tf.debugging.assert_positive(tf.size(images), message="empty images")
-            x, params = tf.map_fn(letterboxed, images, fn_output_signature=(
-                tf.TensorSpec([H, W, 3], tf.float32), tf.TensorSpec([4], tf.float32)))
-            return self._poses(x, params)
+            return self._poses(*tf.map_fn(letterboxed, images, fn_output_signature=signature))
 
     return SpmServing()
 

@@ -6,7 +6,7 @@ One path serves the training loop's evaluation (``utils/evaluation.py``), ``tool
     model, cfg = load_trained_model(run_dir)              # config.json + weights
     predictor = Predictor(model, cfg, flip=False)         # network + in-graph SPR decoder
     predictions, _ = predict_records(predictor, records)  # poses in original image coordinates
-    predictions = predict_images(predictor, images)       # in-memory images of any size
+    predictions = predict_images(predictor, images)       # in-memory images of any size, 8 at a time
     predictions = predict_images(predictor, images, long_side=1024)   # each at its own input size
 
 Any input size works (a multiple of 32; :func:`input_size` for ``--long-side``): the decoder
@@ -15,9 +15,11 @@ always uses the displacement scale Z of the *training* input (``load_trained_mod
 
 Flip testing (``flip=True``) runs the network on the image and on its mirror, mirrors the second
 maps back (left and right channels swapped, x displacements negated: ``nets.spr.flip_maps``).
-Multi-scale testing (``scales=(0.5, 1, 2)``) runs the network on the letterboxed batch resized by
-each factor (to a multiple of 32), resizes every scale's maps to the maps of scale 1 (the
-displacements multiplied by the ratio of the map sizes, so they stay in scale-1 map pixels).
+Multi-scale testing (``scales=(0.5, 1, 2)``) runs the network on the *original* picture
+letterboxed at each scale's input size (the scale-1 input times the factor, rounded to a multiple
+of 32, as HigherHRNet and DEKR do) and resamples every scale's maps onto the maps of scale 1
+through the two letterboxes (the displacements divided by the size ratio, so they stay in
+scale-1 map pixels).
 All maps are averaged and decoded once (:func:`network_maps`). A model trained with
 ``--joint-heatmaps`` has a third map, mirrored (``nets.spr.flip_heatmaps``), resized and averaged
 the same way, and the decoder snaps joints to its peaks.
@@ -26,8 +28,9 @@ the same way, and the decoder snaps joints to its peaks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -136,38 +139,73 @@ def parse_scales(text: str) -> Tuple[float, ...]:
     return scales
 
 
-def _scaled_size(size, scale: float, multiple: int = 32):
-    return tf.maximum(multiple, tf.cast(tf.round(tf.cast(size, tf.float32) * scale / multiple), tf.int32) * multiple)
+def scaled_input_size(height: int, width: int, scale: float, multiple: int = 32) -> Tuple[int, int]:
+    """The network input of one test scale: the scale-1 input ``height x width`` times ``scale``,
+    each side rounded to a multiple of 32 (HigherHRNet's and DEKR's rule)."""
+    return tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (height, width))
 
 
-def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: Sequence[float] = (1.0,)):
-    """float32 ``(root, disp)`` maps of a letterboxed batch [B, H, W, 3], or ``(root, disp,
-    heatmaps)`` for a model with joint heatmaps, at the maps' size of ``images``: the average
-    over ``scales`` (and, with ``flip``, over the mirrored images, their maps mirrored back).
-    The one flip and scale averaging of the repository: the predictor and the exported model
-    both call it."""
+def _to_reference(maps, letterbox, reference, map_hw, num_joints: int):
+    """Maps of one scale's input (letterbox ``[B, 4]`` of the original picture into that input)
+    resampled onto the map grid of the scale-1 input (letterbox ``reference``, maps ``map_hw``).
+
+    Both inputs letterbox the same original picture, so a scale-1 map point ``m`` (continuous,
+    map pixels) is the scale's map point ``a * m + (pad - a * pad_ref) / 4`` with ``a`` the ratio
+    of the two letterboxes' factors, per axis and per image: exact whatever the rounding of either
+    input size. Displacements are divided by ``a`` (scale-1 map pixels)."""
+    a = letterbox[:, :2] / reference[:, :2]                                   # [B, 2] (x, y)
+    shift = (letterbox[:, 2:] - a * reference[:, 2:]) / 4.0
+    offset = 0.5 * a + shift - 0.5                                            # pixel centres
+    zero = tf.zeros_like(a[:, 0])
+    # ImageProjectiveTransformV3 maps each output pixel (x, y) to the input pixel it samples.
+    transform = tf.stack([a[:, 0], zero, offset[:, 0], zero, a[:, 1], offset[:, 1], zero, zero], axis=1)
+
+    def warp(m):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=m, transforms=transform, output_shape=map_hw, fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")
+
+    root, disp, heat = maps
+    disp = warp(disp) / tf.tile(a, [1, num_joints])[:, None, None, :]
+    return warp(root), disp, None if heat is None else warp(heat)
+
+
+def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: Sequence[float] = (1.0,),
+                 letterbox=None, scaled: Sequence[Tuple[Any, Any]] = ()):
+    """float32 ``(root, disp)`` maps of a letterboxed batch [B, H, W, 3] (uint8 or float, 0..255),
+    or ``(root, disp, heatmaps)`` for a model with joint heatmaps, at the maps' size of
+    ``images``: the average over ``scales`` (and, with ``flip``, over the mirrored images, their
+    maps mirrored back). The one flip and scale averaging of the repository: the predictor and
+    the exported model both call it.
+
+    Multi-scale testing runs the network on the *original* picture letterboxed at each scale's
+    input size (:func:`scaled_input_size`), not on ``images`` resized: ``scaled`` holds one
+    ``(images, letterbox [B, 4])`` per scale other than 1, in the order of ``scales``, and
+    ``letterbox`` is the letterbox of ``images`` (the reference every scale's maps are resampled
+    onto, :func:`_to_reference`). ``images`` is run only when 1 is among ``scales``."""
     shape = tf.shape(images)
     map_hw = tf.stack([shape[1] // 4, shape[2] // 4])
-    roots, disps, heats = [], [], []
+    others = [s for s in scales if s != 1.0]
+    if len(scaled) != len(others):
+        raise ValueError(f"scales {tuple(scales)} need {len(others)} scaled inputs, got {len(scaled)}")
+    if others and letterbox is None:
+        raise ValueError("multi-scale testing needs the letterbox of the scale-1 images")
+    views, pending = [], iter(scaled)
     for scale in scales:
-        x = images
-        if scale != 1.0:
-            size = tf.stack([_scaled_size(shape[1], scale), _scaled_size(shape[2], scale)])
-            x = tf.image.resize(images, size, method="bilinear", antialias=scale < 1.0)
-        views = [(x, False)] + ([(tf.reverse(x, axis=[2]), True)] if flip else [])
-        for view, mirrored in views:
+        views.append((images, None) if scale == 1.0 else next(pending))
+    roots, disps, heats = [], [], []
+    for x, box in views:
+        x = tf.cast(x, tf.float32)
+        for view, mirrored in [(x, False)] + ([(tf.reverse(x, axis=[2]), True)] if flip else []):
             out = model(view, training=False)
             root, disp = tf.cast(out["root"], tf.float32), tf.cast(out["disp"], tf.float32)
             heat = tf.cast(out["heatmaps"], tf.float32) if "heatmaps" in out else None
             if mirrored:
                 root, disp = flip_maps(root, disp, skeleton)
                 heat = None if heat is None else flip_heatmaps(heat, skeleton)
-            if scale != 1.0:
-                # back to the scale-1 map: positions and displacements scale by the size ratio
-                ratio = tf.cast(map_hw, tf.float32) / tf.cast(tf.shape(disp)[1:3], tf.float32)
-                root = tf.image.resize(root, map_hw, method="bilinear")
-                disp = tf.image.resize(disp, map_hw, method="bilinear") * tf.tile(ratio[::-1], [skeleton.num_joints])
-                heat = None if heat is None else tf.image.resize(heat, map_hw, method="bilinear")
+            if box is not None:
+                root, disp, heat = _to_reference((root, disp, heat), tf.cast(box, tf.float32),
+                                                 tf.cast(letterbox, tf.float32), map_hw, skeleton.num_joints)
             roots.append(root)
             disps.append(disp)
             if heat is not None:
@@ -176,25 +214,53 @@ def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: 
     return maps + (tf.add_n(heats) / len(heats),) if heats else maps
 
 
+def letterbox_scales(image: np.ndarray, height: int, width: int, scales: Sequence[float]):
+    """One picture letterboxed for every scale: ``(scale-1 image, its Letterbox, [(image,
+    Letterbox) per scale other than 1])``, each from the original picture."""
+    lb = letterbox_params(image.shape[0], image.shape[1], height, width)
+    scaled = []
+    for s in scales:
+        if s != 1.0:
+            box = letterbox_params(image.shape[0], image.shape[1], *scaled_input_size(height, width, s))
+            scaled.append((letterbox_image(image, box), box))
+    return letterbox_image(image, lb), lb, scaled
+
+
 class Predictor:
-    """Network + SPR decoder in one graph: float32 images [B, H, W, 3] (0..255, letterboxed, any
-    H and W multiple of 32) -> poses [B, K, J, 2] (network-input pixels), scores [B, K],
-    num_people [B]; ``flip`` and ``scales`` as :func:`network_maps`."""
+    """Network + SPR decoder in one graph: images [B, H, W, 3] (uint8 or float32, 0..255,
+    letterboxed, any H and W multiple of 32) -> poses [B, K, J, 2] (network-input pixels),
+    scores [B, K], num_people [B]; ``flip`` and ``scales`` as :func:`network_maps` (with scales
+    other than 1, the call takes each scale's input too: :func:`letterbox_scales`)."""
 
     def __init__(self, model, cfg: Config, flip: bool = False, scales: Sequence[float] = (1.0,)):
         self.model, self.cfg, self.flip, self.scales = model, cfg, flip, tuple(float(s) for s in scales)
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive numbers, got {scales}")
-        self.maps = tf.function(lambda images: network_maps(model, images, cfg.skeleton, flip, self.scales),
-                                input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        self.maps = tf.function(
+            lambda images, letterbox, scaled: network_maps(model, images, cfg.skeleton, flip, self.scales,
+                                                           letterbox, scaled),
+            reduce_retracing=True)
         # The decoder alone is compiled with XLA (about 2.5x faster on CPU, nets/spr.py); the
         # network is left to the regular graph. Each new map size traces once.
         self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True,
                                    heatmaps=cfg.model.joint_heatmaps)
 
-    def __call__(self, images):
-        """:class:`nets.spr.Decoded` of a float32 batch [B, H, W, 3] (0..255, letterboxed)."""
-        return self.decode(*self.maps(images))
+    @property
+    def multi_scale(self) -> bool:
+        return self.scales != (1.0,)
+
+    def __call__(self, images, letterbox=None, scaled=()):
+        """:class:`nets.spr.Decoded` of a batch [B, H, W, 3] letterboxed at the scale-1 input;
+        with several scales, ``letterbox`` [B, 4] is that batch's letterbox and ``scaled`` one
+        ``(images, letterbox)`` batch per other scale (:func:`network_maps`)."""
+        if letterbox is None:
+            letterbox = tf.zeros([tf.shape(images)[0], 4], tf.float32)
+            if self.multi_scale:
+                raise ValueError(f"scales {self.scales} need the letterbox and each scale's input "
+                                 "(utils.predict.letterbox_scales)")
+        scaled = tuple((tf.convert_to_tensor(x), tf.convert_to_tensor(b, tf.float32)) for x, b in scaled)
+        return self.decode(*self.maps(tf.convert_to_tensor(images), tf.convert_to_tensor(letterbox, tf.float32),
+                                      scaled))
 
 
 @dataclasses.dataclass
@@ -219,8 +285,9 @@ def _unbatch(decoded, letterboxes, records) -> List[Prediction]:
 
 def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_size: int = 8,
                     progress: bool = False, long_side: int = 0) -> Tuple[List[Prediction], InputPipeline]:
-    """Predict every record's image with the evaluation pipeline (decode + letterbox in parallel),
-    or, with ``long_side``, one image at a time, each at its own input size.
+    """Predict every record's image with the evaluation pipeline (decode + letterbox in parallel,
+    every test scale from the original picture), or, with ``long_side``, one image at a time,
+    each at its own input size.
 
     Returns ``(predictions, pipeline)``; images that cannot be read are skipped with a warning and
     counted in ``pipeline.skipped`` (they get no prediction).
@@ -239,10 +306,12 @@ def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_
             if bar is not None:
                 bar.update(done)
         return out, pipeline
-    dataset = pipeline.eval_dataset(batch_size)
+    h, w = pipeline.input_hw
+    sizes = [scaled_input_size(h, w, s) for s in predictor.scales if s != 1.0]
     done = 0
-    for images, info in dataset:
-        out.extend(_unbatch(predictor(images), info["letterbox"].numpy(),
+    for images, info in pipeline.eval_dataset(batch_size, sizes):
+        scaled = list(zip(info["scaled_images"], tf.unstack(info["scaled_letterboxes"], axis=1))) if sizes else ()
+        out.extend(_unbatch(predictor(images, info["letterbox"], scaled), info["letterbox"].numpy(),
                             [pipeline.records[int(i)] for i in info["index"].numpy()]))
         done += len(images)
         if bar is not None:
@@ -250,23 +319,37 @@ def predict_records(predictor: Predictor, records: Sequence[ImageRecord], batch_
     return out, pipeline
 
 
-def predict_images(predictor: Predictor, images: Sequence[np.ndarray], long_side: int = 0,
-                   records: Optional[Sequence[Optional[ImageRecord]]] = None) -> List[Prediction]:
+def iter_predictions(predictor: Predictor, images: Iterable[np.ndarray], long_side: int = 0,
+                     records: Optional[Iterable[Optional[ImageRecord]]] = None,
+                     batch_size: int = 8) -> Iterator[Prediction]:
+    """:func:`predict_images` one picture at a time: reads ``images`` (any iterable, e.g. a
+    generator over files) ``batch_size`` pictures at a time, so memory stays flat in their number."""
+    cfg = predictor.cfg
+    records = iter(records) if records is not None else itertools.repeat(None)
+    pictures = iter(images)
+    batch_size = 1 if long_side else max(1, int(batch_size))
+    while True:
+        chunk = list(itertools.islice(pictures, batch_size))
+        if not chunk:
+            return
+        owners = [next(records) for _ in chunk]
+        h, w = (input_size(chunk[0].shape[0], chunk[0].shape[1], long_side) if long_side
+                else (cfg.data.input_height, cfg.data.input_width))
+        views = [letterbox_scales(image, h, w, predictor.scales) for image in chunk]
+        boxes = [lb for _, lb, _ in views]
+        scaled = [(np.stack([v[2][k][0] for v in views]), np.stack([v[2][k][1].as_array() for v in views]))
+                  for k in range(len(views[0][2]))]
+        decoded = predictor(np.stack([v[0] for v in views]), np.stack([lb.as_array() for lb in boxes]), scaled)
+        yield from _unbatch(decoded, boxes, owners)
+
+
+def predict_images(predictor: Predictor, images: Iterable[np.ndarray], long_side: int = 0,
+                   records: Optional[Sequence[Optional[ImageRecord]]] = None,
+                   batch_size: int = 8) -> List[Prediction]:
     """Predictions for in-memory uint8 RGB images of any sizes, each in its own coordinates.
 
     Letterboxed exactly as in training (dataset/letterbox.py) to the configured input size, or,
-    with ``long_side``, each to its own size (:func:`input_size`; then one image per call).
+    with ``long_side``, each to its own size (:func:`input_size`; then one image per call), and
+    run ``batch_size`` pictures at a time (:func:`iter_predictions` to consume them one by one).
     """
-    cfg = predictor.cfg
-    records = list(records) if records is not None else [None] * len(images)
-    if long_side:
-        out: List[Prediction] = []
-        for image, record in zip(images, records):
-            h, w = input_size(image.shape[0], image.shape[1], long_side)
-            lb = letterbox_params(image.shape[0], image.shape[1], h, w)
-            out.extend(_unbatch(predictor(letterbox_image(image, lb)[None].astype(np.float32)), [lb], [record]))
-        return out
-    h, w = cfg.data.input_height, cfg.data.input_width
-    boxes = [letterbox_params(im.shape[0], im.shape[1], h, w) for im in images]
-    batch = np.stack([letterbox_image(im, lb) for im, lb in zip(images, boxes)]).astype(np.float32)
-    return _unbatch(predictor(batch), boxes, records)
+    return list(iter_predictions(predictor, images, long_side, records, batch_size))
