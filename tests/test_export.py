@@ -1,6 +1,7 @@
 """Exports give the same poses as the Python inference path."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,6 +82,29 @@ def test_saved_model_flip_and_pixels_signature_equal_the_predictor(run_dir, tmp_
         assert len(want.poses) != len(plain[b].poses) or np.abs(want.poses - plain[b].poses).max() > 0.1
 
 
+def test_saved_model_multi_scale_letterboxes_the_original_as_the_predictor_does(run_dir, tmp_path):
+    """serving_default of a --scales 1,1.5 export on JPEGs of two shapes: the poses of
+    Predictor(scales=(1, 1.5)) (each scale from the original picture), not those of scale 1."""
+    import cv2
+    import tensorflow as tf
+    from utils import export, predict
+
+    model, cfg = predict.load_trained_model(run_dir)
+    out = export.export_saved_model(model, cfg, str(tmp_path / "sm_ms"), scales=(1.0, 1.5))
+    serve = tf.saved_model.load(out).signatures[export.SIGNATURE]
+    blobs = [_jpeg(_image(h, w, seed)) for seed, (h, w) in enumerate([(90, 150), (160, 100)])]
+    got = {k: v.numpy() for k, v in serve(images=tf.constant(blobs)).items()}
+    images = [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+              for b in blobs]
+    wanted = predict.predict_images(predict.Predictor(model, cfg, scales=(1.0, 1.5)), images)
+    plain = predict.predict_images(predict.Predictor(model, cfg), images)
+    for b, want in enumerate(wanted):
+        n = int(got["num_people"][b])
+        assert n == len(want.poses) == 8
+        _assert_same_people(got["poses"][b, :n], want.poses, atol=5e-2)
+        assert np.abs(want.poses - plain[b].poses).max() > 0.5
+
+
 def _assert_same_people(got, want, atol=1e-2):
     """Every wanted pose [J, 2] is one of ``got``'s first ``len(want)`` poses within ``atol``:
     people whose root scores tie to float precision may come out of top-k in either order."""
@@ -99,8 +123,8 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
     meta = export.export_tflite(model, cfg, path)
     assert json.load(open(path + ".json"))["decoder_inside"] == meta["decoder_inside"]
     assert meta["decoder_inside"], meta.get("decoder_error")   # TFLite takes the SPR decoder
-    interp = tf.lite.Interpreter(model_path=path)
-    interp.allocate_tensors()
+    interp = export.tflite_interpreter(path)
+    assert type(interp).__module__.startswith("ai_edge_litert")          # LiteRT, not tf.lite
     image = _image(64, 64, seed=2)
     interp.set_tensor(interp.get_input_details()[0]["index"], image[None].astype(np.float32))
     interp.invoke()
@@ -116,6 +140,36 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
         disp = next(v for v in outs.values() if v.shape[-1] == 2 * cfg.skeleton.num_joints)
         dec = decode(tf.constant(root), tf.constant(disp), cfg.skeleton, cfg.spr)
         _assert_same_people(dec.poses.numpy()[0], want.poses)
+
+
+def test_onnx_export_through_the_command_line_gives_the_python_poses(run_dir, tmp_path):
+    """``tools/export.py --onnx``: spm.onnx (network + decoder) run with onnxruntime on the
+    letterbox of a 90x150 picture gives the Python path's poses, in network-input pixels."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+    from dataset.letterbox import letterbox_image, letterbox_params, to_network
+    from training_helpers import subprocess_env
+
+    out = tmp_path / "exported"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--ckpt", run_dir, "--out", str(out),
+                        "--onnx", "--no-saved-model", "--no-tflite"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["spm.onnx", "spm.onnx.json"]
+    meta = json.load(open(out / "spm.onnx.json"))
+    session = onnxruntime.InferenceSession(str(out / "spm.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    image = _image(90, 150, seed=4)
+    lb = letterbox_params(90, 150, *meta["input"][1:3])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"images": letterbox_image(image, lb)[None].astype(np.float32)})))
+    want, cfg = _python_path(run_dir, image)
+    n = int(got["num_people"][0])
+    assert n == len(want.poses) == 8
+    _assert_same_people(got["poses"][0, :n], to_network(want.poses, lb), atol=1e-3)
 
 
 def test_checkpoint_of_another_skeleton_is_refused(run_dir):

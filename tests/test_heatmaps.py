@@ -228,8 +228,8 @@ def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
     path = str(tmp_path / "spm.tflite")
     meta = export.export_tflite(model, cfg, path)
     assert meta["decoder_inside"], meta.get("decoder_error")
-    interp = tf.lite.Interpreter(model_path=path)
-    interp.allocate_tensors()
+    interp = export.tflite_interpreter(path)
+    assert type(interp).__module__.startswith("ai_edge_litert")          # LiteRT, not tf.lite
     image = np.random.default_rng(8).integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
     interp.set_tensor(interp.get_input_details()[0]["index"], image[None].astype(np.float32))
     interp.invoke()
@@ -239,3 +239,13 @@ def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
     assert len(want.poses) > 0
     for pose in want.poses:
         assert np.abs(poses[:len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 1e-2
+    # the ONNX file of the same model (decoder with the heatmap snapping inside)
+    import onnxruntime
+
+    export.export_onnx(model, cfg, str(tmp_path / "spm.onnx"))
+    session = onnxruntime.InferenceSession(str(tmp_path / "spm.onnx"))
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"images": image[None].astype(np.float32)})))
+    assert int(got["num_people"][0]) == len(want.poses)
+    for pose in want.poses:
+        assert np.abs(got["poses"][0, :len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 2e-2

@@ -166,3 +166,29 @@ def test_long_side_keeps_the_aspect_ratio_and_maps_back_to_the_image(run_dir):
     # the same picture through the square 64x64 input is another prediction
     square, = predict_images(Predictor(model, cfg), [image])
     assert not np.allclose(np.sort(square.roots, axis=0), np.sort(pred.roots, axis=0))
+
+
+def test_predict_images_streams_an_iterable_in_batches(run_dir):
+    """A generator of 5 pictures of 3 sizes at batch 2: read 2 at a time (the third picture is
+    not read before the first prediction is out), and each picture's poses those of a batch of
+    one."""
+    from utils.predict import Predictor, iter_predictions, load_trained_model, predict_images
+
+    model, cfg = load_trained_model(run_dir)
+    predictor = Predictor(model, cfg)
+    pictures = [_image(h, w, seed) for seed, (h, w) in enumerate([(64, 64), (50, 90), (150, 120), (64, 64), (70, 40)])]
+    read = []
+
+    def lazily():
+        for p in pictures:
+            read.append(p)
+            yield p
+
+    stream = iter_predictions(predictor, lazily(), batch_size=2)
+    first = next(stream)
+    assert len(read) == 2
+    got = [first] + list(stream)
+    assert len(read) == len(got) == 5
+    for picture, prediction in zip(pictures, got):
+        alone, = predict_images(predictor, [picture])
+        np.testing.assert_allclose(prediction.poses, alone.poses, atol=1e-3)

@@ -71,20 +71,42 @@ def _two_pictures(paths, tmp_path):
     return folder, names
 
 
-def test_spm_model_test_draws_pictures_and_skips_unreadable_images(run_and_data, tmp_path):
+def test_spm_model_test_draws_pictures_in_batches_and_skips_unreadable_images(run_and_data, tmp_path):
+    """--batch-size 3 over a folder of 4 pictures and a broken one (two batches, the broken one
+    inside the first): every readable picture drawn, and its poses in --json those of the
+    Python path run one picture at a time."""
     run, paths = run_and_data
-    folder, names = _two_pictures(paths, tmp_path)
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    out = tmp_path / "out"
-    r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = sorted(os.listdir(paths.val_images))
+    for n in names:
+        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    (folder / "a_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out, out_json = tmp_path / "out", tmp_path / "poses.json"
+    r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out, "--batch-size", "3",
+             "--json", out_json)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "broken.jpg: corrupt image: OpenCV cannot decode it, skipped" in r.stderr
+    assert "a_broken.jpg: corrupt image: OpenCV cannot decode it, skipped" in r.stderr
     written = sorted(os.listdir(out))
     assert written == sorted(os.path.splitext(n)[0] + "_spm.png" for n in names)
     drawn = cv2.imread(str(out / written[0]))
     original = cv2.imread(os.path.join(paths.val_images, names[0]))
     assert drawn.shape == original.shape and np.any(drawn != original)   # skeletons were drawn
     assert "latency per frame" in r.stdout
+    from dataset.pipeline import read_rgb
+    from utils import predict
+
+    model, cfg = predict.load_trained_model(run)
+    predictor = predict.Predictor(model, cfg)
+    got = {e["image_id"]: e["keypoint_annotations"] for e in json.load(open(out_json))}
+    assert sorted(got) == sorted(os.path.splitext(n)[0] for n in names)
+    for n in names:
+        want, = predict.predict_images(predictor, [read_rgb(os.path.join(folder, n))])
+        people = got[os.path.splitext(n)[0]]
+        assert len(people) == len(want.poses)
+        if people:
+            poses = np.array(list(people.values())).reshape(len(people), -1, 3)[..., :2]
+            np.testing.assert_allclose(poses, want.poses, atol=0.01)
 
 
 def test_spm_model_test_on_an_empty_folder_fails_clearly(run_and_data, tmp_path):
@@ -140,6 +162,37 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["scales"] == [1.0, 2.0] and result["long_side"] == 320 and result["predicted_images"] == 4
+
+
+def test_multiscale_benchmark_puts_people_on_a_larger_canvas_and_scores_each_setting(run_and_data, tmp_path):
+    """``benchmark.py multiscale --canvas 2``: each picture at the centre of a canvas twice its
+    size with its annotations shifted by the same offset, and each row the official score of
+    predict_records at those scales on the kept set."""
+    run, paths = run_and_data
+    keep = tmp_path / "canvas"
+    r = _run("benchmark.py", "multiscale", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
+             "--scales", "1", "1,2", "--keep", keep, "--limit", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"scales"')]
+    assert [row["scales"] for row in rows] == [[1.0], [1.0, 2.0]]
+    before, after = json.load(open(paths.val_json))[0], json.load(open(keep / "annotations.json"))[0]
+    small = cv2.imread(os.path.join(paths.val_images, before["image_id"] + ".jpg"))
+    big = cv2.imread(str(keep / "images" / (before["image_id"] + ".jpg")))
+    assert big.shape[:2] == (2 * small.shape[0], 2 * small.shape[1])
+    dy, dx = (big.shape[0] - small.shape[0]) // 2, (big.shape[1] - small.shape[1]) // 2
+    assert np.abs(big[dy:dy + small.shape[0], dx:dx + small.shape[1]].astype(int) - small).mean() < 3
+    person = next(iter(before["keypoint_annotations"]))
+    k0, k1 = np.reshape(before["keypoint_annotations"][person], (-1, 3)), np.reshape(after["keypoint_annotations"][person], (-1, 3))
+    np.testing.assert_allclose(k1[:, :2], k0[:, :2] + [dx, dy])
+    from dataset.ai_challenger import read_ai_challenger
+    from utils import predict
+    from utils.evaluation import score_aic
+
+    model, cfg = predict.load_trained_model(run)
+    records, _ = read_ai_challenger(str(keep / "annotations.json"), str(keep / "images"))
+    predictions, _ = predict.predict_records(predict.Predictor(model, cfg, scales=(1.0, 2.0)), records)
+    want = score_aic(str(keep / "annotations.json"), predictions, [x.image_id for x in records])
+    assert rows[1]["score"] == pytest.approx(want["score"], abs=1e-4)
 
 
 def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,sizes,curve,recipe,gpu} [options]``.
+"""Benchmarks: ``python3 tools/benchmark.py {oracle,decode,encoder,model,pipeline,infer,train,scale,multiscale,sizes,curve,recipe,gpu} [options]``.
 
 The measurement code lives in ``tools/benchmarks/`` (one module per subject, importing the
 library, never imported by it); this script only dispatches. Every subcommand prints its
@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "infer": ("tools.benchmarks.infer", "end-to-end images/s of model_val"),
     "train": ("tools.benchmarks.train", "ms per training step with 1 and N steps per tf.function call"),
     "scale": ("tools.benchmarks.scale", "reading, first batch and memory at the real data sets' size"),
+    "multiscale": ("tools.benchmarks.multiscale", "multi-scale testing on shrunk validation pictures (small people)"),
     "sizes": ("tools.benchmarks.sizes", "a trained model at twice its input size; decoder thresholds"),
     "curve": ("tools.benchmarks.curve", "training loss every N steps from fixed weights, deterministic data"),
     "recipe": ("tools.benchmarks.recipe", "a preset's recipe rehearsed at its geometry: score curve per variant"),

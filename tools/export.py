@@ -1,11 +1,14 @@
-"""Export a trained SPM model: a SavedModel (any uint8 image -> poses) and a TFLite network.
+"""Export a trained SPM model: a SavedModel (image bytes or pixels -> poses), TFLite and ONNX.
 
     python3 tools/export.py --ckpt runs/tiny_synthetic --out exported/
-    python3 tools/export.py --ckpt RUN --out exported/ --flip --no-tflite
+    python3 tools/export.py --ckpt RUN --out exported/ --flip --scales 1,2 --no-tflite
+    python3 tools/export.py --ckpt RUN --out exported/ --onnx      # needs requirements-export.txt
 
-Writes ``OUT/saved_model/`` (signature ``serving_default``: ``image`` uint8 [H, W, 3] ->
-``poses`` [K, J, 2] in image pixels, ``scores`` [K], ``roots`` [K, 2], ``num_people``) and
-``OUT/spm.tflite`` (+ ``.json`` metadata). See utils/export.py for the contracts.
+Writes ``OUT/saved_model/`` (signatures ``serving_default``: encoded JPEG/PNG bytes [B] and
+``images``: uint8 [B, H, W, 3] -> ``poses`` [B, K, J, 2] in image pixels, ``scores`` [B, K],
+``roots`` [B, K, 2], ``num_people`` [B]), ``OUT/spm.tflite`` and with ``--onnx`` ``OUT/spm.onnx``
+(each + ``.json`` metadata: a letterboxed float32 [1, H, W, 3] -> poses in network-input pixels).
+See utils/export.py and docs/inference.md for the contracts.
 """
 
 import argparse
@@ -27,12 +30,23 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="config.json to build the model from")
     parser.add_argument("--flip", action="store_true", help="flip testing inside the SavedModel")
     parser.add_argument("--scales", default="1", help="multi-scale testing inside the SavedModel, e.g. 0.5,1,2")
-    parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--tflite", action=argparse.BooleanOptionalAction, default=True,
+                        help="write OUT/spm.tflite (network + decoder, batch 1, run with LiteRT)")
+    parser.add_argument("--saved-model", action=argparse.BooleanOptionalAction, default=True,
+                        help="write OUT/saved_model (TF Serving; flip and scales inside)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write OUT/spm.onnx (network + decoder, batch 1; needs tf2onnx and onnx: "
+                             "pip install -r requirements-export.txt)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     try:
+        if args.onnx:
+            try:
+                import onnx  # noqa: F401
+                import tf2onnx  # noqa: F401
+            except ImportError as e:
+                raise ValueError(f"--onnx needs tf2onnx and onnx ({e}): pip install -r requirements-export.txt") from None
         scales = predict.parse_scales(args.scales)
         model, cfg = predict.load_trained_model(args.ckpt, args.config)
     except (ValueError, FileNotFoundError) as e:
@@ -50,6 +64,11 @@ def main(argv=None) -> int:
         result.update(tflite=path, tflite_bytes=meta["bytes"], decoder_inside=meta["decoder_inside"])
         print(f"TFLite: {path} ({meta['bytes'] / 1e6:.1f} MB, decoder "
               f"{'inside' if meta['decoder_inside'] else 'beside it: ' + meta.get('decoder_error', '')})")
+    if args.onnx:
+        path = os.path.join(args.out, "spm.onnx")
+        meta = export.export_onnx(model, cfg, path)
+        result.update(onnx=path, onnx_bytes=meta["bytes"])
+        print(f"ONNX: {path} ({meta['bytes'] / 1e6:.1f} MB, decoder inside, opset {meta['opset']})")
     print(json.dumps(result))
     return 0
 

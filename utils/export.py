@@ -16,7 +16,8 @@ the batch the network (with flip and scale averaging when exported so,
 ``utils.predict.network_maps``), the SPR decoder with the training Z, and the mapping back to the
 image all run inside the graph.
 
-TFLite: the network and the decoder on a letterboxed float32 ``[1, H, W, 3]`` image (0..255),
+ONNX (:func:`export_onnx`, tf2onnx; run with onnxruntime) and TFLite (run with LiteRT,
+``ai_edge_litert``): the network and the decoder on a letterboxed float32 ``[1, H, W, 3]`` image (0..255),
 returning poses in network-input pixels; the letterbox stays outside (TFLite has no
 anti-aliased resize), done with ``dataset.letterbox`` exactly as the Python path does. When the
 decoder cannot be converted, the file holds the network alone (``root``, ``disp``, and
@@ -104,6 +105,19 @@ def export_saved_model(model, cfg: Config, out_dir: str, flip: bool = False,
     return out_dir
 
 
+def tflite_interpreter(path: str):
+    """An allocated interpreter of a ``.tflite`` file: LiteRT's (``ai_edge_litert``, the
+    replacement of ``tf.lite.Interpreter``, which TF 2.21 marks for deletion) when installed
+    (requirements-export.txt), TensorFlow's otherwise."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    interpreter = Interpreter(model_path=path)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
 def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
     """Write ``path`` (.tflite) and ``path + '.json'`` (metadata); returns the metadata."""
     H, W = cfg.data.input_height, cfg.data.input_width
@@ -142,4 +156,55 @@ def export_tflite(model, cfg: Config, path: str) -> Dict[str, object]:
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     meta["bytes"] = len(blob)
+    return meta
+
+
+ONNX_OUTPUTS = ("poses", "scores", "roots", "num_people")
+
+
+def export_onnx(model, cfg: Config, path: str, opset: int = 17) -> Dict[str, object]:
+    """Write ``path`` (.onnx, tf2onnx) and ``path + '.json'`` (metadata); returns the metadata.
+
+    The network and the SPR decoder in one graph, as the TFLite file: a letterboxed float32
+    ``images`` [1, H, W, 3] (0..255, ``dataset.letterbox``) -> ``poses`` [1, K, J, 2] in
+    network-input pixels, ``scores`` [1, K], ``roots`` [1, K, 2], ``num_people`` [1]. The weights
+    are frozen into constants first (tf2onnx reads a Keras 3 model's variables as missing inputs
+    otherwise)."""
+    import onnx
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    H, W = cfg.data.input_height, cfg.data.input_width
+    spec = [tf.TensorSpec([1, H, W, 3], tf.float32, name="images")]
+
+    @tf.function(input_signature=spec)
+    def poses(images):
+        maps = model(images, training=False)
+        dec = decode(tf.cast(maps["root"], tf.float32), tf.cast(maps["disp"], tf.float32), cfg.skeleton, cfg.spr,
+                     tf.cast(maps["heatmaps"], tf.float32) if "heatmaps" in maps else None)
+        return [dec.poses, dec.scores, dec.roots, dec.num_people]
+
+    frozen = convert_variables_to_constants_v2(poses.get_concrete_function())
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs], opset=opset)
+    # tf2onnx keeps TensorFlow's tensor names (images:0, Identity_2:0): give them the contract's
+    renames = {proto.graph.input[0].name: "images"}
+    renames.update({out.name: name for out, name in zip(proto.graph.output, ONNX_OUTPUTS)})
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.name = renames.get(value.name, value.name)
+    onnx.checker.check_model(proto)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    onnx.save(proto, path)
+    meta: Dict[str, object] = {"input": [1, H, W, 3], "input_dtype": "float32 RGB 0..255, letterboxed",
+                               "skeleton": cfg.data.skeleton, "output_stride": cfg.spr.output_stride,
+                               "opset": opset, "decoder_inside": True,
+                               "outputs": "poses [1,K,J,2] network-input pixels, scores [1,K], roots [1,K,2], "
+                                          "num_people [1]"}
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f, indent=1)
+    meta["bytes"] = os.path.getsize(path)
     return meta
