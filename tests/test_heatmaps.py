@@ -238,14 +238,22 @@ def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
     want, = predict.predict_images(predict.Predictor(model, cfg), [image])
     assert len(want.poses) > 0
     for pose in want.poses:
-        assert np.abs(poses[:len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 1e-2
-    # the ONNX file of the same model (decoder with the heatmap snapping inside)
+        # LiteRT's kernels move a snapped joint by up to 0.013 px here (TF's interpreter: 1e-4)
+        assert np.abs(poses[:len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 2e-2
+    # The ONNX file of the same model. Its maps equal the network's to 1e-4, but on this random
+    # head a 1e-5 change of the maps moves peaks (snap threshold 0, flat maps), so its decoder is
+    # checked on its own maps: the poses it returns are nets.spr.decode's of the maps it returns.
     import onnxruntime
+    from nets.spr import decode
 
     export.export_onnx(model, cfg, str(tmp_path / "spm.onnx"))
     session = onnxruntime.InferenceSession(str(tmp_path / "spm.onnx"))
-    got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, {"images": image[None].astype(np.float32)})))
-    assert int(got["num_people"][0]) == len(want.poses)
-    for pose in want.poses:
-        assert np.abs(got["poses"][0, :len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 2e-2
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": image[None].astype(np.float32)})))
+    net = model(image[None].astype(np.float32), training=False)
+    for k in ("root", "disp", "heatmaps"):
+        np.testing.assert_allclose(got[k], np.asarray(net[k], np.float32), atol=1e-4)
+    dec = decode(got["root"], got["disp"], cfg.skeleton, cfg.spr, got["heatmaps"])
+    n = int(dec.num_people[0])
+    assert int(got["num_people"][0]) == n > 0
+    np.testing.assert_allclose(got["poses"][0, :n], dec.poses[0, :n].numpy(), atol=1e-3)
+    np.testing.assert_allclose(got["scores"][0, :n], dec.scores[0, :n].numpy(), atol=1e-6)

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         path = os.path.join(args.out, "spm.onnx")
         meta = export.export_onnx(model, cfg, path)
         result.update(onnx=path, onnx_bytes=meta["bytes"])
-        print(f"ONNX: {path} ({meta['bytes'] / 1e6:.1f} MB, decoder inside, opset {meta['opset']})")
+        print(f"ONNX: {path} ({meta['bytes'] / 1e6:.1f} MB, opset {meta['opset']}, decoder inside)")
     print(json.dumps(result))
     return 0
 

@@ -167,8 +167,10 @@ def export_onnx(model, cfg: Config, path: str, opset: int = 17) -> Dict[str, obj
 
     The network and the SPR decoder in one graph, as the TFLite file: a letterboxed float32
     ``images`` [1, H, W, 3] (0..255, ``dataset.letterbox``) -> ``poses`` [1, K, J, 2] in
-    network-input pixels, ``scores`` [1, K], ``roots`` [1, K, 2], ``num_people`` [1]. The weights
-    are frozen into constants first (tf2onnx reads a Keras 3 model's variables as missing inputs
+    network-input pixels, ``scores`` [1, K], ``roots`` [1, K, 2], ``num_people`` [1], and the
+    maps they were decoded from (``root``, ``disp``, and ``heatmaps`` for a model trained with
+    ``--joint-heatmaps``) for users who decode or average them themselves. The weights are
+    frozen into constants first (tf2onnx reads a Keras 3 model's variables as missing inputs
     otherwise)."""
     import onnx
     import tf2onnx
@@ -176,21 +178,22 @@ def export_onnx(model, cfg: Config, path: str, opset: int = 17) -> Dict[str, obj
 
     H, W = cfg.data.input_height, cfg.data.input_width
     spec = [tf.TensorSpec([1, H, W, 3], tf.float32, name="images")]
+    map_names = ("root", "disp") + (("heatmaps",) if cfg.model.joint_heatmaps else ())
+    names = ONNX_OUTPUTS + map_names
 
     @tf.function(input_signature=spec)
-    def poses(images):
-        maps = model(images, training=False)
-        dec = decode(tf.cast(maps["root"], tf.float32), tf.cast(maps["disp"], tf.float32), cfg.skeleton, cfg.spr,
-                     tf.cast(maps["heatmaps"], tf.float32) if "heatmaps" in maps else None)
-        return [dec.poses, dec.scores, dec.roots, dec.num_people]
+    def outputs(images):
+        maps = {k: tf.cast(v, tf.float32) for k, v in model(images, training=False).items()}
+        dec = decode(maps["root"], maps["disp"], cfg.skeleton, cfg.spr, maps.get("heatmaps"))
+        return [dec.poses, dec.scores, dec.roots, dec.num_people] + [maps[k] for k in map_names]
 
-    frozen = convert_variables_to_constants_v2(poses.get_concrete_function())
+    frozen = convert_variables_to_constants_v2(outputs.get_concrete_function())
     proto, _ = tf2onnx.convert.from_graph_def(
         frozen.graph.as_graph_def(), input_names=[t.name for t in frozen.inputs],
         output_names=[t.name for t in frozen.outputs], opset=opset)
     # tf2onnx keeps TensorFlow's tensor names (images:0, Identity_2:0): give them the contract's
     renames = {proto.graph.input[0].name: "images"}
-    renames.update({out.name: name for out, name in zip(proto.graph.output, ONNX_OUTPUTS)})
+    renames.update({out.name: name for out, name in zip(proto.graph.output, names)})
     for node in proto.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
@@ -199,11 +202,11 @@ def export_onnx(model, cfg: Config, path: str, opset: int = 17) -> Dict[str, obj
     onnx.checker.check_model(proto)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path)
-    meta: Dict[str, object] = {"input": [1, H, W, 3], "input_dtype": "float32 RGB 0..255, letterboxed",
-                               "skeleton": cfg.data.skeleton, "output_stride": cfg.spr.output_stride,
-                               "opset": opset, "decoder_inside": True,
-                               "outputs": "poses [1,K,J,2] network-input pixels, scores [1,K], roots [1,K,2], "
-                                          "num_people [1]"}
+    meta: Dict[str, object] = {
+        "input": [1, H, W, 3], "input_dtype": "float32 RGB 0..255, letterboxed", "skeleton": cfg.data.skeleton,
+        "output_stride": cfg.spr.output_stride, "opset": opset, "decoder_inside": True,
+        "outputs": "poses [1,K,J,2] network-input pixels, scores [1,K], roots [1,K,2], num_people [1]; "
+                   "the maps root [1,h,w,1], disp [1,h,w,2J]" + (", heatmaps [1,h,w,J]" if cfg.model.joint_heatmaps else "")}
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     meta["bytes"] = os.path.getsize(path)
