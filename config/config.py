@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -29,7 +30,8 @@ CONFIG_FILENAME = "config.json"
 class DataConfig:
     """Where the data is and how it is batched."""
     dataset: str = "synthetic"        # synthetic | ai_challenger | coco
-    skeleton: str = "ai_challenger"   # ai_challenger | coco (config/skeletons.py)
+    skeleton: str = "ai_challenger"   # ai_challenger | coco | crowdpose | ochuman | auto (COCO files: the training file's category) | FILE.json
+    skeleton_spec: Dict[str, Any] = dataclasses.field(default_factory=dict)  # a derived skeleton in full (written at start; not a flag)
     train_json: str = ""
     train_images: str = ""
     val_json: str = ""
@@ -159,6 +161,13 @@ class Config:
 
     @property
     def skeleton(self) -> Skeleton:
+        """The skeleton: a named one, or the one derived from the data (``skeleton_spec``, kept
+        in the run's config.json so that every tool rebuilds it from the run directory)."""
+        if self.data.skeleton_spec:
+            return _spec_skeleton(json.dumps(self.data.skeleton_spec, sort_keys=True))
+        if self.data.skeleton in DERIVED_SKELETONS or self.data.skeleton.endswith(".json"):
+            raise ValueError(f"skeleton {self.data.skeleton!r} is derived from the data when the run starts "
+                             "(dataset.coco.resolve_skeleton); this config has not been resolved yet")
         return get_skeleton(self.data.skeleton)
 
     @property
@@ -221,6 +230,18 @@ class Config:
         return cfg
 
 
+@functools.lru_cache(maxsize=16)
+def _spec_skeleton(spec_json: str) -> Skeleton:
+    return Skeleton.from_dict(json.loads(spec_json), "config field 'skeleton_spec'")
+
+
+# ``--skeleton auto``: the skeleton of the training file's category (COCO format).
+DERIVED_SKELETONS = ("auto",)
+# The skeleton a data set takes when --dataset changes it and --skeleton is not given.
+DATASET_SKELETONS = {"synthetic": "ai_challenger", "ai_challenger": "ai_challenger", "coco": "auto"}
+# Fields the command line does not set (written by the program).
+NOT_FLAGS = frozenset({"skeleton_spec"})
+
 _SECTIONS = ("data", "augment", "spr", "model", "loss", "train")
 # Fields that earlier versions wrote and that no longer mean anything: read and dropped, so that
 # run directories made before keep loading (shuffle_buffer: every pass is a full permutation now).
@@ -264,6 +285,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.replace(" ", "").split(",") if v]
             return tuple(elem(v) for v in value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return tp(value)
@@ -401,7 +426,10 @@ def validate(cfg: Config) -> None:
             if hasattr(sec, name) and getattr(sec, name) not in choices:
                 raise ValueError(f"config field {name!r} is {getattr(sec, name)!r}; "
                                  f"choose one of {', '.join(repr(c) for c in choices)}")
-    get_skeleton(cfg.data.skeleton)
+    if cfg.data.skeleton_spec:
+        cfg.skeleton                                   # raises naming the problem
+    elif cfg.data.skeleton not in DERIVED_SKELETONS and not cfg.data.skeleton.endswith(".json"):
+        get_skeleton(cfg.data.skeleton)
     s = cfg.spr.output_stride
     for name in ("input_height", "input_width"):
         v = getattr(cfg.data, name)
@@ -427,10 +455,8 @@ def validate(cfg: Config) -> None:
     if cfg.augment.color_mul_min > cfg.augment.color_mul_max:
         raise ValueError("config fields 'color_mul_min' > 'color_mul_max'")
     if cfg.data.dataset in ("ai_challenger", "synthetic") and cfg.data.skeleton != "ai_challenger":
-        raise ValueError(f"dataset {cfg.data.dataset!r} uses the ai_challenger skeleton, "
-                         f"not {cfg.data.skeleton!r}")
-    if cfg.data.dataset == "coco" and cfg.data.skeleton != "coco":
-        raise ValueError(f"dataset 'coco' uses the coco skeleton, not {cfg.data.skeleton!r}")
+        raise ValueError(f"dataset {cfg.data.dataset!r} uses the ai_challenger skeleton, not "
+                         f"{cfg.data.skeleton!r} (other skeletons: --dataset coco with a COCO-format file)")
 
 
 # ----------------------------------------------------------------------------- resuming a run
@@ -502,6 +528,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="start from a saved config.json (or a run directory) instead of a preset")
     defaults = Config()
     for section, f, tp in _iter_fields():
+        if f.name in NOT_FLAGS:
+            continue
         group_title = f"config: {section}"
         group = next((g for g in parser._action_groups if g.title == group_title), None)
         if group is None:
@@ -531,6 +559,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg = get_preset(args.preset or DEFAULT_PRESET)
     overrides = {k[len("cfg__"):]: v for k, v in vars(args).items()
                  if k.startswith("cfg__") and v is not None}
+    if "dataset" in overrides and "skeleton" not in overrides and overrides["dataset"] != cfg.data.dataset:
+        # another data set, no --skeleton: the data set's own (COCO files: their category's)
+        overrides["skeleton"] = DATASET_SKELETONS.get(overrides["dataset"], cfg.data.skeleton)
+    if "skeleton" in overrides:
+        overrides["skeleton_spec"] = {}
     return cfg.replace(**overrides) if overrides else cfg
 
 

@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 from pycocotools.coco import COCO as CocoIndex
 
-from config.skeletons import COCO, Skeleton
+from config.config import DERIVED_SKELETONS
+from config.skeletons import COCO, SKELETONS, Skeleton, derive_skeleton
 from config.skeletons import VIS_UNLABELLED
 from dataset.errors import (AnnotationError, box_problems, json_numbers, keypoint_lists, keypoint_problems,
                             keypoint_value_names, load_json, number_rows, require_keys, settle_person_problems,
@@ -201,6 +202,50 @@ def _read_keypoints(anns: Sequence[Dict[str, Any]], label: Callable[[int], str],
     return keypoints.reshape(len(anns), num_joints, 3)
 
 
+def person_category(data: Any, source: str) -> Dict[str, Any]:
+    """The keypoint category of a COCO-format file: the one named ``person``, else the first
+    with ``keypoints``."""
+    categories = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(categories, list):
+        raise AnnotationError(f"{source}: a COCO file is a JSON object with a 'categories' list")
+    people = [c for c in categories if isinstance(c, dict) and c.get("name") == PERSON_CATEGORY and "keypoints" in c]
+    people = people or [c for c in categories if isinstance(c, dict) and "keypoints" in c]
+    if not people:
+        raise AnnotationError(f"{source}: no category with 'keypoints' among the categories")
+    return people[0]
+
+
+def resolve_skeleton(cfg):
+    """``cfg`` with its skeleton settled before anything is built (``Trainer`` calls it first).
+
+    ``--skeleton auto`` (``--dataset coco``): the training file's keypoint category, through
+    :func:`config.skeletons.derive_skeleton` (a named skeleton when the joint names are one's);
+    ``--skeleton FILE.json``: a category-like JSON of one's own (``keypoints`` names,
+    ``skeleton`` edges 1-based, optional ``oks_sigmas``). A derived skeleton is kept whole in
+    ``data.skeleton_spec`` (config.json), so every tool rebuilds it from the run directory."""
+    name = cfg.data.skeleton
+    if cfg.data.skeleton_spec or (name not in DERIVED_SKELETONS and not name.endswith(".json")):
+        return cfg
+    if name.endswith(".json"):
+        source, label = name, os.path.splitext(os.path.basename(name))[0]
+        data = load_json(name)
+        category = data if isinstance(data, dict) and "keypoints" in data else person_category(data, name)
+    else:
+        if cfg.data.dataset != "coco":
+            raise ValueError(f"--skeleton auto reads a COCO-format training file (--dataset coco), "
+                             f"not the {cfg.data.dataset!r} data set")
+        if not cfg.data.train_json:
+            raise ValueError("--skeleton auto reads the skeleton from --train-json, which is not set")
+        source, label = cfg.data.train_json, "auto"
+        category = person_category(load_json(source), source)
+    skeleton = derive_skeleton(category["keypoints"], category.get("skeleton") or [], source, label,
+                               category.get("oks_sigmas"))
+    if SKELETONS.get(skeleton.name) is skeleton:
+        logger.info("%s: the %s skeleton (its joint names)", source, skeleton.name)
+        return cfg.replace(skeleton=skeleton.name, skeleton_spec={})
+    return cfg.replace(skeleton_spec=skeleton.to_dict())
+
+
 def _check_structure(data: Any, source: str, skeleton: Skeleton, need_file_name: bool) -> Set[Any]:
     """Top-level layout, ids and cross references; returns the person category ids."""
     if not isinstance(data, dict):
@@ -222,7 +267,7 @@ def _check_structure(data: Any, source: str, skeleton: Skeleton, need_file_name:
         if "keypoints" in cat and list(cat["keypoints"]) != list(skeleton.joint_names):
             raise AnnotationError(f"{source}: category {cat['id']!r} has keypoints "
                                   f"{cat['keypoints']}, but the {skeleton.name} skeleton has "
-                                  f"{list(skeleton.joint_names)}")
+                                  f"{list(skeleton.joint_names)} (--skeleton auto takes the file's own)")
 
     image_keys = ("id", "width", "height") + (("file_name",) if need_file_name else ())
     image_ids = {}

@@ -23,8 +23,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from config.skeletons import COCO, SKELETONS  # noqa: E402
 from dataset.ai_challenger import ai_challenger_records  # noqa: E402
-from dataset.coco import coco_records  # noqa: E402
+from dataset.coco import coco_records, person_category  # noqa: E402
 from dataset.errors import AnnotationError, load_json  # noqa: E402
 from utils import evaluation, predict  # noqa: E402
 
@@ -60,15 +61,23 @@ def main(argv=None) -> int:
         fmt = args.format or detect_format(data)
         if not os.path.isdir(args.images):
             raise FileNotFoundError(f"{args.images}: no such image folder")
+        model, cfg = predict.load_trained_model(args.ckpt, args.config,
+                                                  expect_skeleton="ai_challenger" if fmt == "aic" else None)
+        if fmt == "coco":
+            # the file's joints (its category's names; COCO's 17 when it names none) against the model's
+            category = person_category(data, args.json)
+            names = tuple(category.get("keypoints") or COCO.joint_names)
+            if names != cfg.skeleton.joint_names:
+                label = next((k for k, v in SKELETONS.items() if v.joint_names == names), f"{len(names)}-joint")
+                raise ValueError(f"{args.ckpt} is a model of the {cfg.skeleton.name} skeleton "
+                                 f"({cfg.skeleton.num_joints} joints, preset {cfg.preset}); these annotations "
+                                 f"need the {label} skeleton")
         if fmt == "aic":
             records, stats = ai_challenger_records(data, args.json, args.images, strict=args.strict_annotations)
         else:
-            records, stats = coco_records(data, args.json, args.images, strict=args.strict_annotations)
+            records, stats = coco_records(data, args.json, args.images, cfg.skeleton, strict=args.strict_annotations)
         if not records:
             raise ValueError(f"{args.json}: no images to predict")
-
-        model, cfg = predict.load_trained_model(args.ckpt, args.config,
-                                                  expect_skeleton="ai_challenger" if fmt == "aic" else "coco")
         cfg = cfg.replace(dataset="ai_challenger" if fmt == "aic" else "coco")
         if args.long_side:
             predict.input_size(1, 1, args.long_side)             # validates the value
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
             scored = evaluation.score_aic(args.json, predictions, ids)
             print(f"AI Challenger score: {scored['score']:.8f}")
         else:
-            scored = evaluation.score_coco(args.json, predictions, ids, verbose=True)
+            scored = evaluation.score_coco(args.json, predictions, ids, verbose=True, oks_sigmas=cfg.skeleton.oks_sigmas)
         result.update(scored)
     print(json.dumps(result))
     return 0

@@ -85,16 +85,28 @@ def score_aic(ref_json: str, predictions: Sequence[Prediction],
 
 
 def score_coco(ann_json: str, predictions: Sequence[Prediction],
-               image_ids: Optional[Sequence[str]] = None, verbose: bool = False) -> Dict[str, Any]:
-    """COCO keypoint AP with pycocotools' COCOeval (the official COCO metric)."""
+               image_ids: Optional[Sequence[str]] = None, verbose: bool = False,
+               oks_sigmas: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """COCO keypoint AP with pycocotools' COCOeval (the official COCO metric), with the
+    skeleton's OKS sigmas (``oks_sigmas``; default COCO's 17)."""
     results = coco_predictions(predictions)
     if not results:
         return {"score": 0.0, "AP": 0.0, "images": len(predictions)}
+    data = load_json(ann_json)
+    for ann in data.get("annotations", []):
+        if "area" not in ann and len(ann.get("bbox", ())) == 4:
+            # CrowdPose's files carry no area: OKS is scaled by the box's (xtcocotools' use_area=False,
+            # mmpose's CrowdPose evaluation)
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
     sink = io.StringIO()
     with redirect_stdout(sink):
-        gt = COCO(ann_json)
+        gt = COCO()
+        gt.dataset = data
+        gt.createIndex()
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "keypoints")
+        if oks_sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(oks_sigmas, np.float64)
         ids = image_ids if image_ids is not None else [p.record.image_id for p in predictions]
         ev.params.imgIds = sorted({int(i) for i in ids})
         ev.evaluate()
@@ -110,7 +122,7 @@ def score_predictions_for(cfg: Config, ann_json: str, predictions: Sequence[Pred
                           image_ids: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The dataset's official metric: AI Challenger score (AIC, synthetic) or COCO AP."""
     if cfg.data.dataset == "coco":
-        return score_coco(ann_json, predictions, image_ids)
+        return score_coco(ann_json, predictions, image_ids, oks_sigmas=cfg.skeleton.oks_sigmas)
     return score_aic(ann_json, predictions, image_ids)
 
 

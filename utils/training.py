@@ -79,6 +79,7 @@ import keras
 import tensorflow as tf
 
 from config import Config, load_config, resume_differences
+from dataset.coco import resolve_skeleton
 from dataset.pipeline import InputPipeline, input_error_message, on_device
 from nets.losses import spm_loss
 from nets.spm_model import build_spm_model, load_backbone_weights
@@ -266,6 +267,7 @@ class Trainer:
                  run_dir: Optional[str] = None,
                  evaluate_fn: Optional[Callable[[keras.Model, Config], Dict[str, Any]]] = None,
                  pipeline=None, gradient_hook: Optional[Callable[[Sequence[tf.Tensor], tf.Tensor], list]] = None):
+        cfg = resolve_skeleton(cfg)     # --skeleton auto / FILE.json: settled before anything is built
         self.cfg = cfg
         self.strategy = strategy or tf.distribute.get_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
