@@ -221,7 +221,8 @@ def resolve_skeleton(cfg):
     ``--skeleton auto`` (``--dataset coco``): the training file's keypoint category, through
     :func:`config.skeletons.derive_skeleton` (a named skeleton when the joint names are one's);
     ``--skeleton FILE.json``: a category-like JSON of one's own (``keypoints`` names,
-    ``skeleton`` edges 1-based, optional ``oks_sigmas``). A derived skeleton is kept whole in
+    ``skeleton`` edges 1-based, optional ``oks_sigmas``, and ``"hierarchy": "derived"`` to derive
+    the tree from the edges even for a named skeleton's joints). A derived skeleton is kept whole in
     ``data.skeleton_spec`` (config.json), so every tool rebuilds it from the run directory."""
     name = cfg.data.skeleton
     if cfg.data.skeleton_spec or (name not in DERIVED_SKELETONS and not name.endswith(".json")):
@@ -239,7 +240,7 @@ def resolve_skeleton(cfg):
         source, label = cfg.data.train_json, "auto"
         category = person_category(load_json(source), source)
     skeleton = derive_skeleton(category["keypoints"], category.get("skeleton") or [], source, label,
-                               category.get("oks_sigmas"))
+                               category.get("oks_sigmas"), named=category.get("hierarchy") != "derived")
     if SKELETONS.get(skeleton.name) is skeleton:
         logger.info("%s: the %s skeleton (its joint names)", source, skeleton.name)
         return cfg.replace(skeleton=skeleton.name, skeleton_spec={})

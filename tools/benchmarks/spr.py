@@ -34,13 +34,15 @@ import tensorflow as tf
 
 from config.config import Config, add_config_args, config_from_args
 from dataset.ai_challenger import read_ai_challenger
+from dataset.coco import read_coco, resolve_skeleton
 from dataset.convert import estimate_image_sizes, image_sizes_from_dir
 from dataset.letterbox import Letterbox, letterbox_params, to_network, to_original
 from dataset.records import ImageRecord
 from nets import spr
 from tools.benchmarks import REPO_ROOT
 from utils.aic_eval import evaluate_files, format_warnings
-from utils.evaluation import aic_prediction
+from utils.evaluation import aic_prediction, coco_predictions, score_coco
+from utils.predict import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ _DESCRIPTIONS = {
 
 def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"benchmark.py {name}", description=_DESCRIPTIONS[name])
-    p.add_argument("--ref", default=DEFAULT_REF, help="AI Challenger annotation file (default: the example file)")
+    p.add_argument("--ref", default=DEFAULT_REF, help="AI Challenger or COCO-format annotation file (default: the "
+                   "example AI Challenger file; a COCO file is scored with COCOeval and its own skeleton, or --skeleton)")
     p.add_argument("--images", default=None, help="image folder: take image sizes from the files "
                    "(default: the smallest size holding every box and labelled joint)")
     p.add_argument("--input", default=None, metavar="HxW", help="network input size, e.g. 512x512 "
@@ -89,16 +92,34 @@ def _config(args: argparse.Namespace) -> Config:
         except ValueError:
             raise ValueError(f"--input {args.input!r}: expected HEIGHTxWIDTH, e.g. 512x512") from None
         cfg = cfg.replace(input_height=h, input_width=w)
+    if _is_coco(args.ref):
+        # a COCO-format file: its own skeleton unless --skeleton names one (FILE.json included)
+        skeleton = cfg.data.skeleton if cfg.data.skeleton != "ai_challenger" else "auto"
+        return resolve_skeleton(cfg.replace(dataset="coco", train_json=args.ref, skeleton=skeleton,
+                                            skeleton_spec={}))
     if cfg.data.skeleton != "ai_challenger":
-        raise ValueError(f"the SPR benchmarks read AI Challenger files; preset {cfg.preset!r} uses "
+        raise ValueError(f"AI Challenger files have the ai_challenger skeleton; preset {cfg.preset!r} uses "
                          f"the {cfg.data.skeleton!r} skeleton")
     return cfg
+
+
+def _is_coco(path: str) -> bool:
+    with open(path) as f:
+        return f.read(1024).lstrip().startswith("{")
+
+
+def _records(cfg: Config, args) -> Tuple[List[ImageRecord], object]:
+    if cfg.data.dataset == "coco":
+        return read_coco(args.ref, args.images, cfg.skeleton)
+    return read_ai_challenger(args.ref, args.images, cfg.skeleton)
 
 
 def _people(records: Sequence[ImageRecord], images: Optional[str],
             input_hw: Tuple[int, int]) -> List[Tuple[Letterbox, np.ndarray, np.ndarray]]:
     """(letterbox, keypoints, boxes in network-input coordinates) of every record."""
-    if images:
+    if records and all(r.width and r.height for r in records):        # COCO files give them
+        sizes = [(r.width, r.height) for r in records]
+    elif images:
         by_id = image_sizes_from_dir([r.image_id for r in records], images)
         sizes = [by_id[r.image_id] for r in records]
     else:
@@ -135,7 +156,7 @@ def run_oracle(argv: Sequence[str]) -> Dict:
     args = _parser("oracle").parse_args(list(argv))
     cfg = _config(args)
     input_hw = (cfg.data.input_height, cfg.data.input_width)
-    records, stats = read_ai_challenger(args.ref, args.images, cfg.skeleton)
+    records, stats = _records(cfg, args)
     print(stats.summary())
     people = _people(records, args.images, input_hw)
 
@@ -156,23 +177,32 @@ def run_oracle(argv: Sequence[str]) -> Dict:
         else:
             tg = {k: v[i] for k, v in tf_targets.items()}
         encode_s += time.perf_counter() - t
-        poses, _, num, seconds = _timed_decode(decoder, tg["root"], tg["disp"])
+        poses, scores, num, seconds = _timed_decode(decoder, tg["root"], tg["disp"])
         decode_s += seconds
         found += num
-        predictions.append(aic_prediction(rec.image_id, to_original(poses[:num], lb)))
+        predictions.append(Prediction(rec, to_original(poses[:num], lb), scores[:num].astype(np.float64),
+                                      np.zeros((num, 2))))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    coco = cfg.data.dataset == "coco"
     with open(args.out, "w") as f:
-        json.dump(predictions, f)
-
-    result = evaluate_files(args.ref, args.out)
-    for line in format_warnings(result.warnings, 5):
-        print("scorer:", line)
+        json.dump(coco_predictions(predictions) if coco else
+                  [aic_prediction(p.record.image_id, p.poses) for p in predictions], f)
+    if coco:
+        scored = score_coco(args.ref, predictions, [r.image_id for r in records], oks_sigmas=cfg.skeleton.oks_sigmas)
+        score, reference_people, metric = scored["score"], int(sum(r.num_people for r in records)), "COCO AP"
+    else:
+        result = evaluate_files(args.ref, args.out)
+        for line in format_warnings(result.warnings, 5):
+            print("scorer:", line)
+        score, reference_people, metric = result.score, result.num_people, "AI Challenger score"
     n = max(len(records), 1)
     summary = {
-        "score": round(result.score, 6),
+        "score": round(score, 6), "metric": metric, "skeleton": cfg.skeleton.name,
+        "face_depths": {nm: lv for nm, lv in zip(cfg.skeleton.joint_names, cfg.skeleton.levels)
+                        if nm in ("nose", "left_eye", "left_ear")} if coco else {},
         "images": len(records),
         "people": int(sum(r.num_people for r in records)),
-        "reference_people": result.num_people,
+        "reference_people": reference_people,
         "decoded_people": found,
         "encode_ms_per_image": round(1000 * encode_s / n, 3),
         "decode_ms_per_image": round(1000 * decode_s / n, 3),
@@ -182,7 +212,7 @@ def run_oracle(argv: Sequence[str]) -> Dict:
         "sizes": "images" if args.images else "estimated", "encoder": args.encoder,
     }
     print(f"oracle round trip ({summary['encoder']} encoder, {summary['root_type']}, {summary['anchor']}, {summary['gather']}, "
-          f"{summary['input']}): AI Challenger score {result.score:.6f} on {len(records)} images, "
+          f"{summary['input']}, {cfg.skeleton.name} skeleton): {metric} {score:.6f} on {len(records)} images, "
           f"{summary['people']} people ({found} decoded); encode {summary['encode_ms_per_image']} ms, "
           f"decode {summary['decode_ms_per_image']} ms per image; predictions in {args.out}")
     return summary
@@ -218,7 +248,7 @@ def _tf_encode_all(cfg: Config, people, input_hw, batch: int = 50):
 def run_encoder(argv: Sequence[str]) -> Dict:
     args = _parser("encoder").parse_args(list(argv))
     cfg = _config(args)
-    records, _ = read_ai_challenger(args.ref, args.images, cfg.skeleton)
+    records, _ = _records(cfg, args)
     rows = []
     for side in (int(v) for v in args.sizes.split(",")):
         people = [(lb, kps.astype(np.float32), boxes.astype(np.float32))
