@@ -195,6 +195,29 @@ def test_multiscale_benchmark_puts_people_on_a_larger_canvas_and_scores_each_set
     assert rows[1]["score"] == pytest.approx(want["score"], abs=1e-4)
 
 
+def test_oracle_benchmark_scores_a_coco_file_with_either_hierarchy(tmp_path):
+    """``benchmark.py oracle`` on the real COCO photographs: the encode -> decode round trip of
+    their ground truth scores COCO AP 1.0 with the hand-written coco tree and with the tree
+    derived from the file's edges (``"hierarchy": "derived"``), whose face hangs from the ears."""
+    photos = os.path.join(ROOT, "tests", "data", "real_photos")
+    ref = os.path.join(photos, "coco_person_keypoints.json")
+    category = json.load(open(ref))["categories"][0]
+    derived = tmp_path / "derived.json"
+    derived.write_text(json.dumps({"keypoints": category["keypoints"], "skeleton": category["skeleton"],
+                                   "hierarchy": "derived"}))
+    depths = {}
+    for skeleton in ("coco", str(derived)):
+        r = _run("benchmark.py", "oracle", "--ref", ref, "--images", photos, "--out", tmp_path / "o.json",
+                 "--dataset", "coco", "--skeleton", skeleton, "--input", "256x256")
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads(r.stdout.strip().splitlines()[-1])
+        assert summary["metric"] == "COCO AP" and summary["score"] == pytest.approx(1.0)
+        assert summary["decoded_people"] == summary["reference_people"] == 3
+        depths[skeleton] = summary["face_depths"]
+    assert depths["coco"] == {"nose": 1, "left_eye": 2, "left_ear": 3}
+    assert depths[str(derived)] == {"nose": 4, "left_eye": 3, "left_ear": 2}
+
+
 def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):
     """``benchmark.py pipeline --json --images --dataset coco``: the realistic benchmark on any
     annotation file; the numbers it prints describe the batches the pipeline really made."""
