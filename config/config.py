@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import os
+import re
 import typing
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -29,24 +31,24 @@ CONFIG_FILENAME = "config.json"
 @dataclasses.dataclass
 class DataConfig:
     """Where the data is and how it is batched."""
-    dataset: str = "synthetic"        # synthetic | ai_challenger | coco
+    dataset: str = "synthetic"        # annotation format and metric: the built-in synthetic set, AI Challenger json, or COCO json (any COCO-format set)
     skeleton: str = "ai_challenger"   # ai_challenger | coco | crowdpose | ochuman | auto (COCO files: the training file's category) | FILE.json
-    skeleton_spec: Dict[str, Any] = dataclasses.field(default_factory=dict)  # a derived skeleton in full (written at start; not a flag)
-    train_json: str = ""
-    train_images: str = ""
-    val_json: str = ""
-    val_images: str = ""
+    skeleton_spec: Dict[str, Any] = dataclasses.field(default_factory=dict)  # a derived skeleton in full (written at start; no flag)
+    train_json: str = ""              # training annotations (AI Challenger json, or COCO json with --dataset coco)
+    train_images: str = ""            # folder of the training pictures
+    val_json: str = ""                # validation annotations, scored at epoch ends with the official metric
+    val_images: str = ""              # folder of the validation pictures
     synthetic_dir: str = ""           # cache of the generated synthetic set; "" = ~/.cache/spm_tf2/synthetic
-    synthetic_train_images: int = 2000
-    synthetic_val_images: int = 200
-    synthetic_seed: int = 0
-    input_height: int = 512           # network input, letterboxed
-    input_width: int = 512
+    synthetic_train_images: int = 2000  # pictures of the generated synthetic training split
+    synthetic_val_images: int = 200   # pictures of the generated synthetic validation split
+    synthetic_seed: int = 0           # seed of the generated synthetic set (another seed: another set)
+    input_height: int = 512           # network input height, a multiple of 32 (pictures are letterboxed into it)
+    input_width: int = 512            # network input width, a multiple of 32
     batch_size: int = 8               # per replica; global batch = batch_size x replicas
     num_parallel_calls: int = -1      # -1 = tf.data.AUTOTUNE
     opencv_threads: int = 1           # cv2.setNumThreads when a pipeline starts (tf.data parallelises); 0 = OpenCV's default
     deterministic: bool = False       # deterministic order and augmentation (uses seed)
-    seed: int = 0
+    seed: int = 0                     # data seed with --deterministic (else drawn at start); the validation subset
     ignore_crowd: bool = True         # ignore regions (COCO crowds, dropped people) left out of the root-map loss
     max_val_images: int = 0           # per-epoch score on a fixed, seeded subset of this size; 0 = all (the end: all)
     strict_annotations: bool = False  # a person with bad values stops the read (default: dropped, counted, logged)
@@ -57,21 +59,21 @@ class DataConfig:
 @dataclasses.dataclass
 class AugmentConfig:
     """Training augmentation ranges (imgaug); validation never augments."""
-    augment: bool = True
+    augment: bool = True              # training augmentation on (flip, rotation, scale, translation, colour)
     rotation_deg: float = 30.0        # uniform in [-r, r]
-    scale_min: float = 0.75
-    scale_max: float = 1.25
+    scale_min: float = 0.75           # smallest zoom factor, uniform in [scale_min, scale_max]
+    scale_max: float = 1.25           # largest zoom factor
     translate_frac: float = 0.1       # uniform in [-t, t] of the input size
-    flip_prob: float = 0.5
-    color_mul_min: float = 0.8
-    color_mul_max: float = 1.2
-    grayscale_prob: float = 0.1
+    flip_prob: float = 0.5            # probability of a horizontal flip (left and right joints swapped)
+    color_mul_min: float = 0.8        # smallest brightness multiplier (on the device)
+    color_mul_max: float = 1.2        # largest brightness multiplier
+    grayscale_prob: float = 0.1       # probability of turning a picture grey
 
 
 @dataclasses.dataclass
 class SprConfig:
     """Structured Pose Representation: target encoding and decoding (nets/spr.py)."""
-    output_stride: int = 4
+    output_stride: int = 4            # input pixels per output-map cell (SPM: 4)
     root_type: str = "centroid"       # centroid (paper: mean of labelled joints) | bbox_center
     anchor: str = "parent"            # parent (hierarchical reading) | root
     sigma: float = 7.0                # root Gaussian, output-map pixels
@@ -79,12 +81,12 @@ class SprConfig:
     z_norm: str = "diag"              # diag: Z = sqrt(H^2 + W^2) of the output map | one: Z = 1
     z_value: float = 0.0              # Z fixed by the trained network (set when a run is loaded); 0 = from z_norm
     nms_window: int = 5               # max-pool window of the root-peak search
-    score_threshold: float = 0.2      # root-peak threshold; 0.2 scored best of 0.1..0.5 (README)
+    score_threshold: float = 0.2      # root-peak threshold; 0.2 scored best of 0.1..0.5 (docs/training.md)
     max_people: int = 30              # top-k root peaks per image
     gather: str = "bilinear"          # nearest | bilinear reading of the displacement maps
     # Joint heatmaps (--joint-heatmaps, beyond the paper): targets and snapping
     joint_sigma: float = 1.5          # Gaussian of each joint's heatmap, output-map pixels, centred on the exact joint
-    snap_radius: float = 5.0          # a regressed joint moves to the nearest heatmap peak at most this far (output-map pixels; README)
+    snap_radius: float = 5.0          # a regressed joint moves to the nearest heatmap peak at most this far (output-map pixels; docs/spr.md)
     snap_threshold: float = 0.1       # ... when that peak's value exceeds this; otherwise it stays where regressed
 
 
@@ -93,13 +95,13 @@ class ModelConfig:
     """HRNet trunk and SPM heads (nets/)."""
     backbone: str = "hrnet_w32"       # hrnet_w18 | hrnet_w32 | hrnet_w48 | hrnet_tiny
     head: str = "spm"                 # spm (earlier TF implementation's head) | hrnetv2
-    head_channels: int = 64
-    head_blocks: int = 2
+    head_channels: int = 64           # width of the head convolutions
+    head_blocks: int = 2              # shared 3x3 conv-BN-ReLU blocks of the head
     joint_heatmaps: bool = False      # J keypoint heatmaps beside root and displacements (beyond the paper)
     backbone_weights: str = ""        # converted official weights (.weights.h5)
     sync_batchnorm: bool = False      # synchronized BatchNorm under a distribution strategy
     # hrnet_tiny stage table (nets/hrnet.py): branch widths tiny_width * (1, 2, 4, 8)
-    tiny_width: int = 16
+    tiny_width: int = 16              # hrnet_tiny: width of the highest-resolution branch
     tiny_modules: Tuple[int, ...] = (1, 2, 1)   # high-resolution modules in stages 2, 3, 4
     tiny_blocks: int = 1              # basic blocks per branch in each module
     tiny_stem_channels: int = 32      # the two stride-2 stem convs
@@ -112,40 +114,40 @@ class LossConfig:
     root_loss: str = "l2"             # l2 (paper) | focal
     disp_loss: str = "l1"             # l1 (paper) | smooth_l1
     disp_loss_norm: str = "cells"     # cells: summed over disc cells (paper) | person: mean over each channel's supervised cells
-    root_loss_weight: float = 1.0
+    root_loss_weight: float = 1.0     # weight of the root-map loss in the total
     disp_loss_weight: float = 0.01    # beta in the paper
     smooth_l1_beta: float = 0.01      # knee of the smooth-L1, in normalised displacement units
     focal_alpha: float = 2.0          # focal root loss (CenterNet): (1 - p)^alpha on peaks
     focal_beta: float = 4.0           # (1 - t)^beta penalty reduction near peaks
     joint_loss: str = "l2"            # l2 | focal, on the joint heatmaps (--joint-heatmaps)
-    joint_loss_weight: float = 1.0
+    joint_loss_weight: float = 1.0    # weight of the joint-heatmap loss in the total
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """The training loop (main.py, distribute_main.py)."""
     run_dir: str = ""                 # "" = runs/<preset>
-    epochs: int = 150
+    epochs: int = 150                 # training epochs
     steps_per_epoch: int = 0          # 0 = one pass over the training set
     optimizer: str = "adam"           # adam (adamw with weight_decay > 0) | sgd (momentum 0.9)
-    lr: float = 1e-3
+    lr: float = 1e-3                  # peak learning rate (for the presets: global batch 8; see --lr-base-batch)
     lr_base_batch: int = 0            # N > 0: the rate used is lr x global batch / N (linear scaling); 0 = lr as given
     lr_schedule: str = "step"         # step (x lr_decay_factor at each lr_decay_epochs) | cosine
-    lr_decay_epochs: Tuple[int, ...] = (90, 120)
-    lr_decay_factor: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    lr_decay_epochs: Tuple[int, ...] = (90, 120)  # step schedule: epochs at which the rate is multiplied by lr_decay_factor
+    lr_decay_factor: float = 0.1      # step schedule: the factor at each decay epoch
+    warmup_steps: int = 0             # linear warm-up from 0 over this many steps
+    weight_decay: float = 0.0         # > 0: AdamW (decoupled decay) or SGD weight decay
     grad_clip_norm: float = 0.0       # 0 = no clipping
     mixed_precision: str = ""         # "" | float16 (dynamic loss scaling) | bfloat16 (Ampere/Hopper)
-    xla: bool = False
+    xla: bool = False                 # compile the training step with XLA (a GPU option: 3.4x slower on a CPU here)
     steps_per_call: int = 10          # training steps per tf.function call (one host sync each)
     finetune: str = ""                # whole-model weights to start from (weights only)
     checkpoint_every_steps: int = 0   # 0 = at every epoch end only
     checkpoint_every_minutes: float = 0.0  # also a checkpoint when this much time passed since the last (0 = off)
     max_bad_steps: int = 20           # consecutive steps with a non-finite gradient (each skipped) that stop the run
-    max_checkpoints: int = 3
-    log_every_steps: int = 10
-    eval_every_epochs: int = 1
+    max_checkpoints: int = 3          # checkpoints kept in run_dir/checkpoints (older ones deleted)
+    log_every_steps: int = 10         # TensorBoard scalars every this many steps (at call boundaries)
+    eval_every_epochs: int = 1        # score the validation split every this many epochs (and at the end)
     eval_flip: bool = False           # the training loop's score with flip testing (HRNet's FLIP_TEST; model_val.py --flip)
 
 
@@ -309,7 +311,7 @@ def _tiny_synthetic() -> Config:
     cfg.model.head_blocks = 1
     cfg.spr.sigma = 2.0
     cfg.spr.tau = 3.0
-    # Measured on the synthetic set, 1000 steps each (README, "What the default training
+    # Measured on the synthetic set, 1000 steps each (docs/training.md, "What the default training
     # reaches"): displacement weight 1.0 instead of the paper's 0.01 (0.0137 -> 0.129 with milder
     # augmentation), then the focal root loss (0.129 -> 0.142).
     cfg.loss.disp_loss_weight = 1.0
@@ -317,10 +319,10 @@ def _tiny_synthetic() -> Config:
     cfg.augment.rotation_deg = 15.0
     cfg.augment.scale_min = 0.85
     cfg.augment.scale_max = 1.15
-    # Joint heatmaps and snapping (README, "Joint heatmaps"): 0.203 -> 0.368 at 1500 steps.
+    # Joint heatmaps and snapping (docs/spr.md, "Joint heatmaps"): 0.203 -> 0.368 at 1500 steps.
     cfg.model.joint_heatmaps = True
     # 5 epochs of 250 steps fit the 15-minute budget of a 2-core CPU; cosine with warm-up and
-    # Adam 8e-3 (2e-3: 0.342, 4e-3: 0.440, 8e-3: 0.494 at 1250 steps; README).
+    # Adam 8e-3 (2e-3: 0.342, 4e-3: 0.440, 8e-3: 0.494 at 1250 steps; docs/training.md).
     cfg.train.epochs = 5
     cfg.train.steps_per_epoch = 225        # 1125 steps (250 a pass of the 2000 images: 0.5104, 8 min 50 s)
     cfg.data.max_val_images = 100          # per-epoch score on 100 images, the last one on all 200
@@ -516,6 +518,34 @@ def load_config(path: str) -> Config:
     return cfg
 
 
+def field_help() -> Dict[str, str]:
+    """Each config field's description: the comment after it in this file's dataclasses (and the
+    comment lines right below it), the one place they are written."""
+    out: Dict[str, str] = {}
+    for klass in _SECTION_CLASSES.values():
+        last = None
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^=#]+=.*?#\s*(.*)$", line)
+            if m:
+                last = m.group(1)
+                out[last] = m.group(2).strip()
+            elif last and re.match(r"\s+#\s", line) and out.get(last, "").endswith(("...", ",")):
+                out[last] += " " + line.strip()[1:].strip()
+            else:
+                last = None
+    return out
+
+
+def _preset_values(name: str, presets: Dict[str, "Config"], base: Any) -> str:
+    """``; presets: a 256, b 512`` for the presets whose value of field ``name`` is not ``base``."""
+    differ = [f"{p} {_FIELD_VALUE(cfg, name)!r}" for p, cfg in presets.items() if _FIELD_VALUE(cfg, name) != base]
+    return f"; presets: {', '.join(differ)}" if differ else ""
+
+
+def _FIELD_VALUE(cfg: "Config", name: str) -> Any:
+    return getattr(getattr(cfg, _FIELD_SECTIONS[name]), name)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -527,6 +557,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, metavar="JSON_OR_RUN_DIR",
                         help="start from a saved config.json (or a run directory) instead of a preset")
     defaults = Config()
+    docs = field_help()
+    presets = {name: make() for name, make in PRESETS.items()}
     for section, f, tp in _iter_fields():
         if f.name in NOT_FLAGS:
             continue
@@ -535,15 +567,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if group is None:
             group = parser.add_argument_group(group_title)
         default = getattr(getattr(defaults, section), f.name)
-        kwargs: Dict[str, Any] = dict(dest=f"cfg__{f.name}", default=None)
+        described = docs.get(f.name, "")
+        choices = f"one of {', '.join(repr(c) for c in _CHOICES[f.name])}; " if f.name in _CHOICES else ""
+        where = f"(base default {default!r}{_preset_values(f.name, presets, default)})"
+        kwargs: Dict[str, Any] = dict(dest=f"cfg__{f.name}", default=None,
+                                      help=f"{described} {choices}{where}".strip().replace("%", "%%"))
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-            kwargs["help"] = f"(default of the preset; base default {default})"
         else:
             kwargs["metavar"] = "V,V" if typing.get_origin(tp) is tuple else tp.__name__.upper()
-            kwargs["help"] = f"(base default {default!r})"
-            if f.name in _CHOICES:
-                kwargs["help"] = f"one of {', '.join(repr(c) for c in _CHOICES[f.name])} " + kwargs["help"]
         group.add_argument(_flag(f.name), **kwargs)
     return parser
 

@@ -54,7 +54,7 @@ balance of gradients. The balance is between ``beta`` per supervised displacemen
 ``beta * 2J * pi tau^2 ~ 0.01 * 28 * 154 ~ 43`` through the displacements (AI Challenger,
 J = 14); as the root map fits, its share shrinks and the displacements' stays. That is a
 sensible split at initialisation, but it is not what learns: measured on the synthetic set
-(README: the default run's history and ``tools/benchmark.py recipe`` at the 512 geometry),
+(docs/training.md: the default run's history and ``tools/benchmark.py recipe`` at the 512 geometry),
 beta = 1.0 trains faster at both sizes, so the presets use 1.0 and ``--disp-loss-weight 0.01``
 gives the paper's value. (Had the root loss been a mean over pixels, beta would have to shrink by the
 pixel count.) With the focal root loss the root term is per peak, not per pixel: re-tune beta.
@@ -62,7 +62,7 @@ pixel count.) With the focal root loss the root term is per peak, not per pixel:
 Magnitudes to expect (per image, as the ``root`` and ``disp`` entries report them, i.e. before
 the loss weights): at initialisation ``root ~ N pi sigma^2 / 2 + 1e-4 h w`` (``sum t^2`` of N
 Gaussians plus the 0.01 background; ~77 per person at sigma 7, ~6 at sigma 2) and ``disp = sum
-disp_weight |d_target|``; see the README section "Model and losses" for values measured on the
+disp_weight |d_target|``; see docs/architecture.md, "Model and losses", for values measured on the
 AI Challenger example annotations. Training drives ``root`` towards the irreducible error of
 peaks one cell off and ``disp`` towards ``(number of supervised entries) x (typical error / Z)``.
 

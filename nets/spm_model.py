@@ -34,7 +34,7 @@ trunk):
   serves both root losses (L2 on the probability, and the focal loss, which needs one). The
   sigmoid's small slope at 0.01 does not slow the L2 fit under Adam: against a linear,
   zero-initialised root output the validation root loss after 400 steps of the tiny preset was
-  12.41 vs 12.72 (README, "Model and losses"). The joint heatmaps' output is built the same way.
+  12.41 vs 12.72 (docs/architecture.md, "Model and losses"). The joint heatmaps' output is built the same way.
 * disp: a linear 1x1 conv with zero kernel and zero bias, so displacements start at exactly 0
   (the value the targets take nowhere but are closest to on average). The zero kernel still
   receives gradients (they depend on the features), so learning starts at the first step.

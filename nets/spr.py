@@ -7,13 +7,13 @@ NumPy, one image: the reference implementation the hand-worked tests check; :fun
 TensorFlow, batched: what the training step runs on the device, pinned to the reference by
 ``tests/test_spr_tf.py``) and the decoder (TensorFlow, in the graph) are inverses and live side
 by side here because they share every convention below; the round trip on real annotations is
-exact up to the documented losses (people sharing a root cell, overlaps), see the README section
+exact up to the documented losses (people sharing a root cell, overlaps), see docs/spr.md
 "Structured Pose Representation".
 
 Conventions (both directions)
 -----------------------------
 * **Output-map coordinates.** A network-input point ``X`` (continuous pixel coordinates, pixel
-  ``i`` covering ``[i, i + 1)``, README) lies at ``x = X / stride`` on the output map. Cell ``u``
+  ``i`` covering ``[i, i + 1)``, docs/architecture.md) lies at ``x = X / stride`` on the output map. Cell ``u``
   covers ``[u, u + 1)``; its centre is ``u + 0.5``. A continuous position ``x`` lies in cell
   ``floor(x)``.
 * **Root map.** One Gaussian per person, ``exp(-d^2 / sigma^2)`` (the paper's form, no factor 2),
@@ -717,7 +717,7 @@ def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = 
 
     ``map_hw`` fixes the output-map size (None: any size). XLA (``jit_compile``) fuses the
     decoder's many small ops; on a 2-core CPU it runs a 128x128 map in about a third of the time
-    of the plain graph (README, "Structured Pose Representation").
+    of the plain graph (docs/spr.md).
     """
     h, w = (None, None) if map_hw is None else (int(map_hw[0]), int(map_hw[1]))
     channels = 2 * skeleton.num_joints

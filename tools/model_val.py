@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", default="1", help="multi-scale testing, e.g. 0.5,1,2 (default 1)")
     parser.add_argument("--long-side", type=int, default=0,
                         help="each image at its own input size with this long side (multiple of 32)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="pictures per network call (default 8)")
     parser.add_argument("--strict-annotations", action="store_true",
                         help="a person with bad values is an error (default: left out, counted, logged)")
     parser.add_argument("--config", default=None, help="config.json to build the model from (default: the run's)")

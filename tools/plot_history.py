@@ -4,7 +4,7 @@
 
 Left: the validation score (AI Challenger score, or COCO AP), AP@0.5 and AP@0.75 at every
 evaluated epoch; right: the mean training losses of every epoch (root, displacements and, for
-``--joint-heatmaps`` runs, joints). The README's curve picture is made with it.
+``--joint-heatmaps`` runs, joints). The curve picture of docs/training.md is made with it.
 """
 
 import argparse

@@ -4,7 +4,7 @@ Conventions:
 
 * Images are uint8 **RGB** ``[H, W, 3]`` (the pipeline's order); skeleton colours are RGB, so
   they are used as they are. :func:`save_rgb` converts to OpenCV's BGR when writing a file.
-* Points are continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``, README). OpenCV
+* Points are continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``, docs/architecture.md). OpenCV
   draws in pixel-centre coordinates, so a point ``x`` is drawn at OpenCV ``x - 0.5``, with
   sub-pixel precision (``shift`` bits).
 * Every function draws into the image it is given and returns it, except :func:`heat_overlay`,

@@ -9,7 +9,7 @@ per-person anomalies (a negative labelled coordinate, an inverted box, a NaN, a 
 outside the set), and a COCO file of the size of train2017 (images with people converted by
 ``dataset/convert.py``, the rest person-less). Every image id is a symbolic link to one of 32
 synthetic pictures, so the files are real training inputs; ``aic_val.json`` and ``coco_val.json``
-(200 of their images) serve as validation splits of rehearsal trainings (README). Then, for
+(200 of their images) serve as validation splits of rehearsal trainings (docs/data.md). Then, for
 each file, in a fresh
 process (so that the peak memory is the reader's and the pipeline's alone):
 
