@@ -236,7 +236,8 @@ def resolve_skeleton(cfg):
             raise ValueError(f"--skeleton auto reads a COCO-format training file (--dataset coco), "
                              f"not the {cfg.data.dataset!r} data set")
         if not cfg.data.train_json:
-            raise ValueError("--skeleton auto reads the skeleton from --train-json, which is not set")
+            raise ValueError("--dataset coco needs --train-json FILE --train-images DIR (and --val-json, "
+                             "--val-images): the skeleton is read from the training file (--skeleton auto)")
         source, label = cfg.data.train_json, "auto"
         category = person_category(load_json(source), source)
     skeleton = derive_skeleton(category["keypoints"], category.get("skeleton") or [], source, label,

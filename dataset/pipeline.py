@@ -140,8 +140,9 @@ def split_paths(cfg, split: str) -> Tuple[str, str]:
     json_path, image_dir = getattr(d, f"{split}_json"), getattr(d, f"{split}_images")
     for field, value in ((f"{split}_json", json_path), (f"{split}_images", image_dir)):
         if not value:
-            raise ValueError(f"config field {field!r} is empty: dataset {d.dataset!r} needs the "
-                             f"annotation file and the image folder of the {split} split")
+            raise ValueError(f"--{field.replace('_', '-')} is not set: dataset {d.dataset!r} needs the annotation "
+                             f"file and the image folder of the {split} split (--{split}-json FILE "
+                             f"--{split}-images DIR; README, \"Training on AI Challenger and COCO\")")
     return json_path, image_dir
 
 

@@ -130,7 +130,7 @@ def test_another_dataset_without_skeleton_takes_the_files_own(tmp_path):
     assert mine.skeleton.joint_names == tuple(FIVE) and mine.skeleton.oks_sigmas == (0.05,) * 5
     mine.save(str(tmp_path / "run"))
     assert load_config(str(tmp_path / "run")).skeleton == mine.skeleton
-    with pytest.raises(ValueError, match="--skeleton auto reads the skeleton from --train-json"):
+    with pytest.raises(ValueError, match="--dataset coco needs --train-json FILE --train-images DIR"):
         resolve_skeleton(cfg_of("--dataset", "coco"))
     assert isinstance(Config().data.skeleton_spec, dict)
 

@@ -110,7 +110,7 @@ def tflite_interpreter(path: str):
     replacement of ``tf.lite.Interpreter``, which TF 2.21 marks for deletion) when installed
     (requirements-export.txt), TensorFlow's otherwise."""
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter     # optional (requirements-export.txt)
     except ImportError:
         Interpreter = tf.lite.Interpreter
     interpreter = Interpreter(model_path=path)
@@ -172,9 +172,9 @@ def export_onnx(model, cfg: Config, path: str, opset: int = 17) -> Dict[str, obj
     ``--joint-heatmaps``) for users who decode or average them themselves. The weights are
     frozen into constants first (tf2onnx reads a Keras 3 model's variables as missing inputs
     otherwise)."""
-    import onnx
-    import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    import onnx                # optional (requirements-export.txt): imported only for --onnx
+    import tf2onnx             # likewise
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2  # TF-internal: only here
 
     H, W = cfg.data.input_height, cfg.data.input_width
     spec = [tf.TensorSpec([1, H, W, 3], tf.float32, name="images")]
