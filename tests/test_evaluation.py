@@ -1,6 +1,10 @@
 """Result records of predictions (utils/evaluation.py)."""
 
+import json
+import os
+
 import numpy as np
+import pytest
 
 from config import get_skeleton
 from utils.evaluation import aic_prediction, coco_results
@@ -61,3 +65,57 @@ def test_the_training_loop_scores_with_flip_testing_when_configured(tmp_path):
     assert got["predicted_people"] == flipped["predicted_people"]
     assert got["score"] == flipped["score"]
     assert (plain["predicted_people"], plain["score"]) != (flipped["predicted_people"], flipped["score"])
+
+
+def test_coco_metric_of_the_ground_truth_and_of_a_known_perturbation():
+    """score_coco through the project's path (records -> Prediction -> coco_predictions ->
+    COCOeval): the ground truth scores AP 1.0; the ground truth moved by (6, -4) px scores what
+    pycocotools gives on results written by hand from the annotation file."""
+    import io
+    from contextlib import redirect_stdout
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from conftest import ROOT
+    from dataset.coco import read_coco
+    from utils.evaluation import score_coco
+    from utils.predict import Prediction
+
+    photos = os.path.join(ROOT, "tests", "data", "real_photos")
+    ann = os.path.join(photos, "coco_person_keypoints.json")
+    records, _ = read_coco(ann, photos)
+
+    def predictions(shift):
+        out = []
+        for r in records:
+            poses = r.keypoints[..., :2].astype(np.float64) + shift
+            out.append(Prediction(r, poses, np.linspace(0.9, 0.5, len(poses)), poses[:, 0]))
+        return out
+
+    assert score_coco(ann, predictions(0.0))["AP"] == pytest.approx(1.0)
+    got = score_coco(ann, predictions(np.array([6.0, -4.0])))
+    data = json.load(open(ann))
+    by_image = {}
+    for a in data["annotations"]:
+        if not a.get("iscrowd") and a.get("num_keypoints", 0) > 0:
+            by_image.setdefault(a["image_id"], []).append(a)
+    results = []
+    for image_id, anns in by_image.items():
+        for k, a in enumerate(anns):
+            kps = np.reshape(a["keypoints"], (-1, 3)).astype(float)
+            kps[:, 0] += 6.0
+            kps[:, 1] -= 4.0
+            kps[:, 2] = 1.0
+            results.append({"image_id": image_id, "category_id": 1, "keypoints": kps.reshape(-1).tolist(),
+                            "score": float(np.linspace(0.9, 0.5, len(anns))[k])})
+    with redirect_stdout(io.StringIO()):
+        gt = COCO(ann)
+        ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+        ev.params.imgIds = sorted(by_image)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert 0.0 < ev.stats[0] < 0.99
+    assert got["AP"] == pytest.approx(ev.stats[0], abs=1e-6) and got["AP50"] == pytest.approx(ev.stats[1], abs=1e-6)

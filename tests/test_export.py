@@ -142,34 +142,53 @@ def test_tflite_matches_python_path(run_dir, tmp_path):
         _assert_same_people(dec.poses.numpy()[0], want.poses)
 
 
-def test_onnx_export_through_the_command_line_gives_the_python_poses(run_dir, tmp_path):
-    """``tools/export.py --onnx``: spm.onnx (network + decoder) run with onnxruntime on the
-    letterbox of a 90x150 picture gives the Python path's poses, in network-input pixels."""
+def test_export_command_line_flip_scales_tflite_and_onnx_give_the_python_poses(run_dir, tmp_path):
+    """``tools/export.py --flip --scales 1,1.5 --onnx``: the SavedModel carries flip and both
+    scales (the poses of Predictor(flip=True, scales=(1, 1.5)) on a 90x150 JPEG); spm.tflite
+    (LiteRT) and spm.onnx (onnxruntime) give the Python path's single-scale poses on the
+    letterbox, in network-input pixels."""
     import subprocess
     import sys
 
+    import cv2
     import onnxruntime
+    import tensorflow as tf
     from dataset.letterbox import letterbox_image, letterbox_params, to_network
     from training_helpers import subprocess_env
+    from utils import export, predict
 
     out = tmp_path / "exported"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--ckpt", run_dir, "--out", str(out),
-                        "--onnx", "--no-saved-model", "--no-tflite"], capture_output=True, text=True,
-                       env=subprocess_env(), timeout=300)
+                        "--flip", "--scales", "1,1.5", "--onnx"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["spm.onnx", "spm.onnx.json"]
+    assert sorted(os.listdir(out)) == ["saved_model", "spm.onnx", "spm.onnx.json", "spm.tflite", "spm.tflite.json"]
+    image = _image(90, 150, seed=4)
+    blob = _jpeg(image)
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    model, cfg = predict.load_trained_model(run_dir)
+    both, = predict.predict_images(predict.Predictor(model, cfg, flip=True, scales=(1.0, 1.5)), [decoded])
+    served = tf.saved_model.load(str(out / "saved_model")).signatures[export.SIGNATURE](images=tf.constant([blob]))
+    n = int(served["num_people"][0])
+    assert n == len(both.poses) == 8
+    _assert_same_people(served["poses"][0, :n].numpy(), both.poses, atol=5e-2)
+
     meta = json.load(open(out / "spm.onnx.json"))
+    lb = letterbox_params(90, 150, *meta["input"][1:3])
+    x = letterbox_image(image, lb)[None].astype(np.float32)
+    want, cfg = _python_path(run_dir, image)
     session = onnxruntime.InferenceSession(str(out / "spm.onnx"))
     assert [i.name for i in session.get_inputs()] == ["images"]
-    image = _image(90, 150, seed=4)
-    lb = letterbox_params(90, 150, *meta["input"][1:3])
-    got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, {"images": letterbox_image(image, lb)[None].astype(np.float32)})))
-    want, cfg = _python_path(run_dir, image)
-    n = int(got["num_people"][0])
-    assert n == len(want.poses) == 8
-    _assert_same_people(got["poses"][0, :n], to_network(want.poses, lb), atol=1e-3)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": x})))
+    assert int(got["num_people"][0]) == len(want.poses) == 8
+    _assert_same_people(got["poses"][0, :8], to_network(want.poses, lb), atol=1e-3)
+    interp = export.tflite_interpreter(str(out / "spm.tflite"))
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    poses = next(v for v in (interp.get_tensor(d["index"]) for d in interp.get_output_details())
+                 if v.ndim == 4 and v.shape[-1] == 2)
+    _assert_same_people(poses[0], to_network(want.poses, lb), atol=2e-2)
 
 
 def test_checkpoint_of_another_skeleton_is_refused(run_dir):

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -204,7 +205,8 @@ class Plain:
     """A plain object of a class of its own (no code in its pickle, but not a tensor)."""
 
 
-MARKER = "/tmp/spm_test_unpickled_marker"
+# one marker per test process: concurrent runs of the suite do not see each other's
+MARKER = os.path.join(tempfile.gettempdir(), f"spm_test_unpickled_marker_{os.getpid()}")
 
 
 def _pth(tmp_path, obj, name="evil.pth"):
