@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from training_helpers import random_head_run
+from training_helpers import random_head_run, subprocess_env
 
 
 def _run(tool, *args, timeout=300):
@@ -48,6 +48,41 @@ def test_model_val_writes_predictions_and_the_official_score(run_and_data, tmp_p
 
     assert result["score"] == pytest.approx(evaluate_files(paths.val_json, str(out)).score, abs=1e-12)
     assert "AI Challenger score:" in r.stdout
+
+
+def test_model_val_skips_an_unreadable_picture_and_the_scorer_counts_it_missed(run_and_data, tmp_path):
+    """One of the four pictures corrupt: a warning naming it, three predicted, and the official
+    score of the written file counts the fourth image's people as missed."""
+    run, paths = run_and_data
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = sorted(os.listdir(paths.val_images))
+    for n in names:
+        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    (folder / names[1]).write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "pred.json"
+    r = _run("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", folder, "--out", out,
+             "--batch-size", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert names[1] in r.stderr and "corrupt image" in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    preds = json.load(open(out))
+    assert result["predicted_images"] == 3 == len(preds)
+    assert os.path.splitext(names[1])[0] not in {p["image_id"] for p in preds}
+    from utils.aic_eval import evaluate_files
+
+    assert result["score"] == pytest.approx(evaluate_files(paths.val_json, str(out)).score, abs=1e-12)
+
+
+def test_main_with_a_missing_finetune_file_stops_before_training(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--run-dir", str(tmp_path / "run"),
+                        "--finetune", str(tmp_path / "nope.weights.h5"), "--epochs", "1", "--steps-per-epoch", "1",
+                        "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
+                        "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64"],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "nope.weights.h5" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_model_val_refuses_a_model_of_another_skeleton(run_and_data, tmp_path):
