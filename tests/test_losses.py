@@ -166,3 +166,66 @@ def test_replica_sum_equals_single_device_loss():
     for key in ("total", "root", "disp"):
         assert result["single"][key] > 0
         assert result["summed"][key] == pytest.approx(result["single"][key], rel=1e-5)
+
+
+def _focal_by_hand(p, t, alpha, beta):
+    """CenterNet's penalty-reduced focal loss of one map, written from the paper's formula:
+    (the sum over cells, the number of peaks)."""
+    total, peaks = 0.0, 0
+    h, w = t.shape
+    for y in range(h):
+        for x in range(w):
+            window = t[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+            if t[y, x] > 0 and t[y, x] >= window.max():
+                total += -((1 - p[y, x]) ** alpha) * math.log(p[y, x])
+                peaks += 1
+            else:
+                total += -((1 - t[y, x]) ** beta) * (p[y, x] ** alpha) * math.log(1 - p[y, x])
+    return total, peaks
+
+
+@pytest.mark.parametrize("alpha, beta", [(2.0, 4.0), (1.0, 2.0), (3.0, 1.0)])
+def test_focal_root_and_joint_losses_with_other_alpha_beta_against_the_formula(alpha, beta):
+    """Root map and joint heatmaps, focal with (alpha, beta) varied, weights 2 and 0.5 in the
+    total: every term the formula's value for maps with two peaks and a soft shoulder, the joint
+    channels' sum divided by their peaks together (CenterNet's normalisation by all keypoints)."""
+    rng = np.random.default_rng(3)
+    t = np.zeros((1, 5, 6, 1), np.float32)
+    t[0, 1, 1, 0], t[0, 1, 2, 0], t[0, 3, 4, 0], t[0, 4, 4, 0] = 1.0, 0.6, 1.0, 0.3
+    p = rng.uniform(0.05, 0.95, size=t.shape).astype(np.float32)
+    heat_t = np.concatenate([t, t[:, ::-1]], axis=-1)
+    heat_p = np.concatenate([p, p[:, :, ::-1]], axis=-1)
+    targets = {"root": t, "root_weight": np.ones_like(t), "disp": np.zeros((1, 5, 6, 4), np.float32),
+               "disp_weight": np.zeros((1, 5, 6, 4), np.float32), "heatmaps": heat_t,
+               "heatmap_weight": np.ones_like(heat_t)}
+    outputs = {"root": p, "disp": np.zeros((1, 5, 6, 4), np.float32), "heatmaps": heat_p}
+    cfg = LossConfig(root_loss="focal", joint_loss="focal", focal_alpha=alpha, focal_beta=beta,
+                     root_loss_weight=2.0, joint_loss_weight=0.5)
+    got = {k: float(v) for k, v in spm_loss(targets, outputs, cfg, global_batch_size=1).items()}
+    total, peaks = _focal_by_hand(p[0, ..., 0].astype(np.float64), t[0, ..., 0].astype(np.float64), alpha, beta)
+    root = total / peaks
+    parts = [_focal_by_hand(heat_p[0, ..., c].astype(np.float64), heat_t[0, ..., c].astype(np.float64), alpha, beta)
+             for c in range(2)]
+    joints = sum(v for v, _ in parts) / sum(n for _, n in parts)
+    assert peaks == 2 and [n for _, n in parts] == [2, 2]
+    assert got["root"] == pytest.approx(root, rel=1e-4)
+    assert got["joints"] == pytest.approx(joints, rel=1e-4)
+    assert got["total"] == pytest.approx(2.0 * root + 0.5 * joints, rel=1e-4)
+
+
+def test_displacement_loss_per_person_is_each_channels_mean_over_its_cells():
+    """--disp-loss-norm person: each channel's weighted L1 divided by its supervised cells (a
+    channel with none counts 0), summed over channels; cells: the plain sum. Weighted 0.1."""
+    d_t = np.zeros((1, 2, 3, 2), np.float32)
+    d_p = np.zeros_like(d_t)
+    w = np.zeros_like(d_t)
+    w[0, 0, :, 0] = 1.0                                  # channel 0: 3 cells, errors 1, 2, 3
+    d_p[0, 0, :, 0] = [1.0, -2.0, 3.0]
+    d_p[0, 1, :, 1] = 9.0                                # channel 1: errors but no supervised cell
+    base = {"root": np.zeros((1, 2, 3, 1), np.float32), "root_weight": np.zeros((1, 2, 3, 1), np.float32),
+            "disp": d_t, "disp_weight": w}
+    outputs = {"root": np.zeros((1, 2, 3, 1), np.float32), "disp": d_p}
+    person = spm_loss(base, outputs, LossConfig(disp_loss_norm="person", disp_loss_weight=0.1), 1)
+    cells = spm_loss(base, outputs, LossConfig(disp_loss_norm="cells", disp_loss_weight=0.1), 1)
+    assert float(person["disp"]) == pytest.approx(6.0 / 3) and float(cells["disp"]) == pytest.approx(6.0)
+    assert float(person["total"]) == pytest.approx(0.2) and float(cells["total"]) == pytest.approx(0.6)
