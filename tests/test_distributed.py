@@ -61,6 +61,16 @@ def test_float16_overflow_on_one_replica_skips_the_update_everywhere(replicas_ru
     assert bool(r["overflow_moved"]) and bool(r["overflow_finite_after"])
 
 
+@pytest.mark.parametrize("precision, rtol", [("float32", 1e-4), ("float16", 3e-3)])
+def test_gradient_clipping_limits_the_all_reduced_gradient_on_two_replicas(replicas_run, precision, rtol):
+    """--grad-clip-norm 1e-3 on 2 replicas with distinct data (float32; float16 with loss scale
+    256): SGD's first step (lr 1e-2) moves the weights by lr x 1e-3 in global norm (float32 to
+    1e-5 here; float16 0.1% off, its rounding of the gradients)."""
+    r = replicas_run
+    assert int(r[f"clip_{precision}_skipped"]) == 0
+    assert float(r[f"clip_{precision}_moved"]) == pytest.approx(1e-2 * 1e-3, rel=rtol)
+
+
 def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):
     r = replicas_run
     assert int(r["eval_alone_predicted_people"]) > 0      # the random head finds people

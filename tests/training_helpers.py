@@ -275,6 +275,25 @@ def run_mode(mode: str, out: str, *extra: str):
                 alone = evaluate_model(single, cfg2)
                 for k in ("score", "ap50", "predicted_people"):
                     results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
+        # Gradient clipping on 2 replicas with distinct data (a batch of 8 different images, 4 per
+        # replica), in float32 and under float16 loss scaling: SGD's first step moves the
+        # weights by lr x the clipped gradient, so the move's global norm is lr x the limit when
+        # the all-reduced gradient is clipped (a per-replica clip gives up to twice that, a clip
+        # of the scaled gradient a 256th).
+        for precision in ("", "float16"):
+            cfg = synthetic_config(os.path.join(out, f"clip{precision}"), extra[0], batch_size=4, optimizer="sgd",
+                                   lr=1e-2, mixed_precision=precision, steps_per_call=1, grad_clip_norm=1e-3)
+            images, labels = fixed_batch(cfg, 8)
+            clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
+            randomise_output_kernels(clipped.model)
+            if precision:
+                clipped.optimizer.dynamic_scale.assign(256.0)
+            before = _trainable(clipped)
+            run = clipped.run_steps(iter(clipped.dist_dataset), 1)
+            tag = precision or "float32"
+            results[f"clip_{tag}_moved"] = float(np.sqrt(sum(np.sum((np.float64(a) - b) ** 2)
+                                                           for a, b in zip(_trainable(clipped), before))))
+            results[f"clip_{tag}_skipped"] = len(run["skipped"])
         np.savez(os.path.join(out, "replicas.npz"), **results)
     elif mode == "worker":
         from utils.distribute import make_strategy
