@@ -275,14 +275,42 @@ def run_mode(mode: str, out: str, *extra: str):
                 alone = evaluate_model(single, cfg2)
                 for k in ("score", "ap50", "predicted_people"):
                     results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
+        # Distinct data per replica against one device on the joined batch: 8 different images,
+        # 4 per replica, SGD, float32. BatchNorm is frozen (its layers not trainable: Keras runs
+        # them in inference mode), so the per-replica batch statistics, which legitimately differ
+        # from the joined batch's, stay out of the comparison; everything else (the shard each
+        # replica reads, the all-reduce, the loss normalisation) is compared.
+        distinct = {}
+        for name, strategy, batch in (("two", two_cpus, 4), ("one", one_cpu, 8)):
+            cfg = synthetic_config(os.path.join(out, f"distinct_{name}"), extra[0], batch_size=batch, optimizer="sgd",
+                                   lr=1e-2, steps_per_call=1)
+            images, labels = fixed_batch(cfg.replace(batch_size=8), 8)
+            trainer = Trainer(cfg, strategy, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
+            for layer in trainer.model._flatten_layers():
+                if isinstance(layer, tf.keras.layers.BatchNormalization):
+                    layer.trainable = False
+            if name == "two":
+                randomise_output_kernels(trainer.model)
+                weights = trainer.model.get_weights()
+            else:
+                trainer.model.set_weights(weights)
+            before = _trainable(trainer)
+            run = trainer.run_steps(iter(trainer.dist_dataset), 1)
+            distinct[name] = (before, _trainable(trainer), run["total"])
+        results["distinct_loss_two"], results["distinct_loss_one"] = distinct["two"][2], distinct["one"][2]
+        results["distinct_variables"] = len(distinct["one"][0])
+        for i, (b, a2, a1) in enumerate(zip(distinct["two"][0], distinct["two"][1], distinct["one"][1])):
+            results[f"distinct_before_{i}"], results[f"distinct_two_{i}"], results[f"distinct_one_{i}"] = b, a2, a1
         # Gradient clipping on 2 replicas with distinct data (a batch of 8 different images, 4 per
         # replica), in float32 and under float16 loss scaling: SGD's first step moves the
         # weights by lr x the clipped gradient, so the move's global norm is lr x the limit when
         # the all-reduced gradient is clipped (a per-replica clip gives up to twice that, a clip
         # of the scaled gradient a 256th).
         for precision in ("", "float16"):
+            # lr 1 and a limit of 1e-2: each weight moves by far more than float32's spacing at
+            # its value (with a move of 1e-5 in norm, rounding of the weights was 0.1% of it)
             cfg = synthetic_config(os.path.join(out, f"clip{precision}"), extra[0], batch_size=4, optimizer="sgd",
-                                   lr=1e-2, mixed_precision=precision, steps_per_call=1, grad_clip_norm=1e-3)
+                                   lr=1.0, mixed_precision=precision, steps_per_call=1, grad_clip_norm=1e-2)
             images, labels = fixed_batch(cfg, 8)
             clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
             randomise_output_kernels(clipped.model)
