@@ -257,7 +257,7 @@ def test_ignore_regions_zero_the_root_weight_but_not_at_people(records):
 
 def test_missing_configuration_is_a_clear_error():
     cfg = get_preset("ai_challenger_w32_512")
-    with pytest.raises(ValueError, match="train_json"):
+    with pytest.raises(ValueError, match="--train-json is not set.*--train-json FILE --train-images DIR"):
         load_records(cfg, "train")
 
 

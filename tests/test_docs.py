@@ -77,13 +77,9 @@ TOOLS = ["tools/model_val.py", "tools/spm_model_test.py", "tools/export.py", "to
          "tools/convert_hrnet_weights.py"]
 
 
-@pytest.mark.parametrize("script", ["main.py", "distribute_main.py"] + TOOLS)
-def test_every_flag_has_a_description(script):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
-                       env=subprocess_env(), timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    # argparse prints each option on its own line, the help after two spaces or on the next line
-    entries = re.split(r"\n  (?=-)", r.stdout.split("options:", 1)[1])
+def _bare_flags(help_text):
+    """The flags of an argparse --help text that have no description."""
+    entries = re.split(r"\n  (?=-)", help_text.split("options:", 1)[1])
     bare = []
     for entry in entries:
         if not entry.strip():
@@ -94,6 +90,43 @@ def test_every_flag_has_a_description(script):
         text = re.sub(r"\(base default [^)]*\)", "", text).strip()
         if not text:
             bare.append(flag)
-    assert not bare, f"{script} --help: flags without a description: {bare}"
-    if script in ("main.py", "distribute_main.py"):
-        assert "a GPU option" in r.stdout                               # --xla says where it helps
+    return bare
+
+
+# Every tool's --help in one process (one TensorFlow import instead of one per tool).
+_TOOL_HELPS = """
+import contextlib, io, runpy, sys
+out = {}
+for tool in sys.argv[1:]:
+    sys.argv = [tool, "--help"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_path(tool, run_name="__main__")
+        except SystemExit:
+            pass
+    out[tool] = buf.getvalue()
+import json
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("script", ["main.py", "distribute_main.py"])
+def test_every_flag_of_the_training_commands_has_a_description(script):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not _bare_flags(r.stdout), f"{script} --help: flags without a description: {_bare_flags(r.stdout)}"
+    assert "a GPU option" in r.stdout                                   # --xla says where it helps
+
+
+def test_every_flag_of_the_tools_has_a_description():
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _TOOL_HELPS, *TOOLS], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    helps = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(helps) == sorted(TOOLS)
+    bare = {tool: _bare_flags(text) for tool, text in helps.items() if _bare_flags(text)}
+    assert all("options:" in text for text in helps.values()) and not bare, bare

@@ -54,11 +54,7 @@ def test_model_val_skips_an_unreadable_picture_and_the_scorer_counts_it_missed(r
     """One of the four pictures corrupt: a warning naming it, three predicted, and the official
     score of the written file counts the fourth image's people as missed."""
     run, paths = run_and_data
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    names = sorted(os.listdir(paths.val_images))
-    for n in names:
-        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    folder, names = _copy_pictures(paths, tmp_path)
     (folder / names[1]).write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "pred.json"
     r = _run("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", folder, "--out", out,
@@ -96,11 +92,11 @@ def test_model_val_refuses_a_model_of_another_skeleton(run_and_data, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _two_pictures(paths, tmp_path):
-    """A folder with copies of the first two validation pictures, and their names."""
+def _copy_pictures(paths, tmp_path, count=None):
+    """A folder with copies of the first ``count`` (all) validation pictures, and their names."""
     folder = tmp_path / "imgs"
     folder.mkdir()
-    names = sorted(os.listdir(paths.val_images))[:2]
+    names = sorted(os.listdir(paths.val_images))[:count]
     for n in names:
         (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
     return folder, names
@@ -111,11 +107,7 @@ def test_spm_model_test_draws_pictures_in_batches_and_skips_unreadable_images(ru
     inside the first): every readable picture drawn, and its poses in --json those of the
     Python path run one picture at a time."""
     run, paths = run_and_data
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    names = sorted(os.listdir(paths.val_images))
-    for n in names:
-        (folder / n).write_bytes(open(os.path.join(paths.val_images, n), "rb").read())
+    folder, names = _copy_pictures(paths, tmp_path)
     (folder / "a_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out, out_json = tmp_path / "out", tmp_path / "poses.json"
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out, "--batch-size", "3",
@@ -172,7 +164,7 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     """--json with --flip --scales 1,2 --long-side 320: each picture's poses in its own pixels,
     under its file stem, as the Python path gives them; model_val takes the same flags."""
     run, paths = run_and_data
-    folder, names = _two_pictures(paths, tmp_path)
+    folder, names = _copy_pictures(paths, tmp_path, 2)
     out_json = tmp_path / "poses.json"
     flags = ["--flip", "--scales", "1,2", "--long-side", "320"]
     r = _run("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", tmp_path / "out",
