@@ -538,11 +538,11 @@ def field_help() -> Dict[str, str]:
 
 def _preset_values(name: str, presets: Dict[str, "Config"], base: Any) -> str:
     """``; presets: a 256, b 512`` for the presets whose value of field ``name`` is not ``base``."""
-    differ = [f"{p} {_FIELD_VALUE(cfg, name)!r}" for p, cfg in presets.items() if _FIELD_VALUE(cfg, name) != base]
+    differ = [f"{p} {_field_value(cfg, name)!r}" for p, cfg in presets.items() if _field_value(cfg, name) != base]
     return f"; presets: {', '.join(differ)}" if differ else ""
 
 
-def _FIELD_VALUE(cfg: "Config", name: str) -> Any:
+def _field_value(cfg: "Config", name: str) -> Any:
     return getattr(getattr(cfg, _FIELD_SECTIONS[name]), name)
 
 

@@ -14,7 +14,7 @@ inside a TensorFlow graph (exported models); a test checks that they agree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -53,6 +53,16 @@ def letterbox_params(src_h: int, src_w: int, dst_h: int, dst_w: int) -> Letterbo
     new_w = min(dst_w, max(1, int(round(src_w * s))))
     return Letterbox(src_h, src_w, dst_h, dst_w, new_h, new_w,
                      (dst_h - new_h) // 2, (dst_w - new_w) // 2)
+
+
+def letterbox_sizes(image: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> List[Tuple[np.ndarray, Letterbox]]:
+    """``(letterboxed image, Letterbox)`` of ``image`` for each network input ``(height, width)``
+    of ``sizes``, each from the original (multi-scale testing)."""
+    out = []
+    for h, w in sizes:
+        lb = letterbox_params(image.shape[0], image.shape[1], int(h), int(w))
+        out.append((letterbox_image(image, lb), lb))
+    return out
 
 
 def _params(lb) -> Tuple[float, float, float, float]:

@@ -108,7 +108,7 @@ from config.skeletons import VIS_UNLABELLED, Skeleton
 from dataset.ai_challenger import read_ai_challenger
 from dataset.augment import Augmenter, apply_colour, unlabel_outside
 from dataset.coco import read_coco
-from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, to_network
+from dataset.letterbox import Letterbox, letterbox_image, letterbox_params, letterbox_sizes, to_network
 from dataset.records import ImageRecord, ReadStats
 from dataset.synthetic import ensure_synthetic_dataset
 from nets.spr import encode, encode_batch
@@ -452,19 +452,17 @@ class InputPipeline:
     def _eval_element(self, index, sizes=()):
         """numpy_function body: (image, letterbox [4], image_hw [2], ok, then per extra input
         size of multi-scale testing its image and letterbox [S, 4], each from the original)."""
-        blank = [np.zeros((int(h), int(w), 3), np.uint8) for h, w in sizes]
         try:
             record = self.records[int(index)]
             rgb = read_image(record.image_path, (record.height, record.width), rgb=True)
         except ImageError as e:
             self.skipped.add(e)
-            return (np.zeros((*self.input_hw, 3), np.uint8), np.zeros(4, np.float32),
-                    np.zeros(2, np.int32), False, *blank, np.zeros((len(sizes), 4), np.float32))
-        lb = letterbox_params(rgb.shape[0], rgb.shape[1], *self.input_hw)
-        boxes = [letterbox_params(rgb.shape[0], rgb.shape[1], int(h), int(w)) for h, w in sizes]
-        return (letterbox_image(rgb, lb), lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True,
-                *[letterbox_image(rgb, box) for box in boxes],
-                np.array([box.as_array() for box in boxes], np.float32).reshape(len(sizes), 4))
+            return (np.zeros((*self.input_hw, 3), np.uint8), np.zeros(4, np.float32), np.zeros(2, np.int32), False,
+                    *[np.zeros((int(h), int(w), 3), np.uint8) for h, w in sizes],
+                    np.zeros((len(sizes), 4), np.float32))
+        (image, lb), *scaled = letterbox_sizes(rgb, [self.input_hw, *sizes])
+        return (image, lb.as_array(), np.array([lb.src_h, lb.src_w], np.int32), True, *[x for x, _ in scaled],
+                np.array([box.as_array() for _, box in scaled], np.float32).reshape(len(sizes), 4))
 
     # ------------------------------------------------------------------ tf.data
 

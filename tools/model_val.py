@@ -65,8 +65,10 @@ def main(argv=None) -> int:
                                                   expect_skeleton="ai_challenger" if fmt == "aic" else None)
         if fmt == "coco":
             # the file's joints (its category's names; COCO's 17 when it names none) against the model's
-            named = [c for c in data.get("categories", []) if isinstance(c, dict) and "keypoints" in c]
-            names = tuple(person_category(data, args.json)["keypoints"] if named else COCO.joint_names)
+            try:
+                names = tuple(person_category(data, args.json)["keypoints"])
+            except AnnotationError:                      # no category names joints
+                names = COCO.joint_names
             if names != cfg.skeleton.joint_names:
                 label = next((k for k, v in SKELETONS.items() if v.joint_names == names), f"{len(names)}-joint")
                 raise ValueError(f"{args.ckpt} is a model of the {cfg.skeleton.name} skeleton "

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from config import CONFIG_FILENAME, Config, load_config
 from config.skeletons import Skeleton
-from dataset.letterbox import letterbox_image, letterbox_params, to_original
+from dataset.letterbox import letterbox_sizes, to_original
 from dataset.pipeline import ImageError, InputPipeline, read_rgb
 from dataset.records import ImageRecord
 from nets.spm_model import build_spm_model
@@ -217,13 +217,9 @@ def network_maps(model, images, skeleton: Skeleton, flip: bool = False, scales: 
 def letterbox_scales(image: np.ndarray, height: int, width: int, scales: Sequence[float]):
     """One picture letterboxed for every scale: ``(scale-1 image, its Letterbox, [(image,
     Letterbox) per scale other than 1])``, each from the original picture."""
-    lb = letterbox_params(image.shape[0], image.shape[1], height, width)
-    scaled = []
-    for s in scales:
-        if s != 1.0:
-            box = letterbox_params(image.shape[0], image.shape[1], *scaled_input_size(height, width, s))
-            scaled.append((letterbox_image(image, box), box))
-    return letterbox_image(image, lb), lb, scaled
+    (base, lb), *scaled = letterbox_sizes(image, [(height, width)] + [scaled_input_size(height, width, s)
+                                                                       for s in scales if s != 1.0])
+    return base, lb, scaled
 
 
 class Predictor:
@@ -254,10 +250,10 @@ class Predictor:
         with several scales, ``letterbox`` [B, 4] is that batch's letterbox and ``scaled`` one
         ``(images, letterbox)`` batch per other scale (:func:`network_maps`)."""
         if letterbox is None:
-            letterbox = tf.zeros([tf.shape(images)[0], 4], tf.float32)
             if self.multi_scale:
                 raise ValueError(f"scales {self.scales} need the letterbox and each scale's input "
                                  "(utils.predict.letterbox_scales)")
+            letterbox = tf.zeros([tf.shape(images)[0], 4], tf.float32)
         scaled = tuple((tf.convert_to_tensor(x), tf.convert_to_tensor(b, tf.float32)) for x, b in scaled)
         return self.decode(*self.maps(tf.convert_to_tensor(images), tf.convert_to_tensor(letterbox, tf.float32),
                                       scaled))
