@@ -29,28 +29,31 @@ def replicas_run(tmp_path_factory, synth_dir):
 
 
 @pytest.mark.parametrize("precision, loss_rtol, median_tol, max_tol",
-                         [("float32", 1e-6, 1e-4, 2e-3), ("float16", 1e-3, 0.15, 0.5)])
-def test_two_logical_cpu_replicas_match_one_device(replicas_run, precision, loss_rtol, median_tol, max_tol):
-    """One SGD step on 2 replicas == the same step on 1 device with the same global batch, in
-    float32 and under the float16 policy with loss scaling (at a scale where neither overflows).
-    Per variable, the relative error of the move ``|d2 - d1| / |d1|`` is measured: float32
-    4e-6 (median) and 1.5e-4 (worst), summation order; float16 8% (median) and 29% (worst),
-    the precision of float16 gradients. A wrong normalisation (x2) or a replica's gradient left
-    out gives 50-100% on every variable."""
+                         [("float32", 1e-5, 1e-5, 1e-4), ("float16", 1e-3, 1e-2, 5e-2)])
+def test_two_logical_cpu_replicas_reading_distinct_data_match_one_device(replicas_run, precision, loss_rtol,
+                                                                           median_tol, max_tol):
+    """One SGD step on 2 replicas, 4 different pictures each, == the same step on 1 device on
+    all 8, in float32 and under the float16 policy with loss scaling (at a scale where neither
+    overflows); BatchNorm frozen, so batch statistics are out of the comparison. Per variable,
+    the relative error of the move ``|d2 - d1| / |d1|`` is measured against the tolerance. A
+    replica reading the other's shard, one gradient counted twice or left out, or a wrong
+    normalisation (x2) moves every variable by another gradient (50-100%). Measured here
+    (float32, float16): median 1e-7 and 3e-4, worst 9e-7 and 3e-4."""
     r = replicas_run
     np.testing.assert_allclose(float(r[f"{precision}_loss_two"]), float(r[f"{precision}_loss_one"]), rtol=loss_rtol)
     assert int(r[f"{precision}_skipped_two"]) == int(r[f"{precision}_skipped_one"]) == 0
-    n = len([k for k in r.files if k.startswith(f"{precision}_one_")])
     errors = []
-    for i in range(n):
+    for i in range(int(r[f"{precision}_variables"])):
         one, two, before = r[f"{precision}_one_{i}"], r[f"{precision}_two_{i}"], r[f"{precision}_before_{i}"]
         assert np.linalg.norm(one - before) > 0, f"variable {i} did not move"
         errors.append(np.linalg.norm((two - before) - (one - before)) / np.linalg.norm(one - before))
+    print(f"{precision}: relative error of the move, median {np.median(errors):.2e}, worst {max(errors):.2e}")
     assert np.median(errors) < median_tol and max(errors) < max_tol, (np.median(errors), max(errors))
 
 
 def test_float16_overflow_on_one_replica_skips_the_update_everywhere(replicas_run):
-    """Replica 1's gradient is infinite at step 2 (float16, 2 replicas): no trainable variable
+    """Replica 1's gradient is infinite at step 2 (float16, 2 replicas, after the clipped step of
+    the test below, BatchNorm training): no trainable variable
     changes on either replica, the loss scale halves, the optimizer counts only the next step,
     which trains."""
     r = replicas_run
@@ -59,21 +62,6 @@ def test_float16_overflow_on_one_replica_skips_the_update_everywhere(replicas_ru
     assert list(r["overflow_skipped"]) == [2] and int(r["overflow_second_skipped"]) == 0
     assert int(r["overflow_iterations"]) == 1
     assert bool(r["overflow_moved"]) and bool(r["overflow_finite_after"])
-
-
-def test_two_replicas_reading_distinct_data_match_one_device_on_the_joined_batch(replicas_run):
-    """8 different images, 4 per replica, against one device on all 8 (BatchNorm frozen, so
-    batch statistics are out of the comparison): the same loss and the same move of every
-    trainable variable to summation order. A replica reading the other's shard, or one
-    gradient counted twice, moves the weights by another gradient."""
-    r = replicas_run
-    np.testing.assert_allclose(float(r["distinct_loss_two"]), float(r["distinct_loss_one"]), rtol=1e-5)
-    errors = []
-    for i in range(int(r["distinct_variables"])):
-        before, two, one = r[f"distinct_before_{i}"], r[f"distinct_two_{i}"], r[f"distinct_one_{i}"]
-        assert np.linalg.norm(one - before) > 0, f"variable {i} did not move"
-        errors.append(np.linalg.norm((two - before) - (one - before)) / np.linalg.norm(one - before))
-    assert np.median(errors) < 1e-4 and max(errors) < 2e-3, (np.median(errors), max(errors))
 
 
 @pytest.mark.parametrize("precision, rtol", [("float32", 1e-4), ("float16", 1e-3)])
@@ -197,7 +185,7 @@ def test_process_per_gpu_trains_to_the_weights_of_mirrored_over_two_logical_cpus
     random_head_run(str(init), joint_heatmaps=True)          # the preset's three heads
     common = ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "2",
               "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64",
-              "--batch-size", "1", "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16",
+              "--batch-size", "1", "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
               "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "1", "--no-augment",
               "--optimizer", "sgd", "--lr", "1e-2", "--lr-decay-epochs", "", "--lr-schedule", "step",
               "--warmup-steps", "0", "--deterministic",

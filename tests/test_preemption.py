@@ -133,7 +133,7 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes
     cmd = [sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu", "--gpus", "0,1", "--process-per-gpu",
            "--run-dir", str(run_dir), "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
            "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64", "--batch-size", "1",
-           "--tiny-width", "8", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
+           "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
            "--tau", "2", "--epochs", "1", "--steps-per-epoch", "120", "--steps-per-call", "2", "--deterministic"]
     log = tmp_path / "launcher.log"
     with open(log, "w") as out:

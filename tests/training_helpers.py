@@ -34,7 +34,7 @@ def tiny_config(run_dir: str = "", **overrides):
     """hrnet_tiny at 64x64, batch 2 per replica, the step schedule without warm-up, the paper's
     two heads (``joint_heatmaps=True`` for the preset's third: tests/test_heatmaps.py and the
     replica test) and the plain score (no flip testing); everything else from the tiny preset."""
-    base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8,
+    base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8, tiny_modules=(1, 1, 1),
                 tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0,
                 epochs=1, steps_per_epoch=2, lr=1e-3, lr_decay_epochs=(), log_every_steps=1,
                 lr_schedule="step", warmup_steps=0, joint_heatmaps=False, eval_flip=False, run_dir=run_dir)
@@ -212,29 +212,32 @@ def run_mode(mode: str, out: str, *extra: str):
         # One strategy object per process, as in training: two MirroredStrategy objects would
         # draw the same collective instance keys.
         two_cpus, one_cpu = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.OneDeviceStrategy("/cpu:0")
-        # SGD: the weights after a step differ from the 1-device step by lr x (summation-order
-        # noise of the gradients); Adam's first step, lr g / (|g| + eps), would amplify that
-        # noise for gradients near eps. The global batch is the same 4 images twice, so each
-        # replica's BatchNorm statistics (4 images) equal the one device's (8 images): what is
-        # compared is the all-reduce, the loss normalisation and the finite decision, not the
-        # numerics of synchronised BatchNorm.
+        # One SGD step on 2 replicas against one device on the joined batch, 8 different
+        # pictures (4 per replica), in float32 and under float16 loss scaling. SGD: the weights
+        # after a step differ from the 1-device step by lr x (summation-order noise of the
+        # gradients); Adam's first step, lr g / (|g| + eps), would amplify that noise for
+        # gradients near eps. BatchNorm is frozen (its layers not trainable: Keras runs them in
+        # inference mode), so the per-replica batch statistics, which legitimately differ from
+        # the joined batch's, stay out of the comparison; everything else (the shard each
+        # replica reads, the all-reduce, the loss normalisation, the finite decision) is compared.
         for precision in ("", "float16"):
             common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1,
                           joint_heatmaps=True)      # the default run's three heads
             cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4, **common)
             cfg1 = synthetic_config(os.path.join(out, f"one{precision}"), extra[0], batch_size=8, **common)
-            images, labels = fixed_batch(cfg1, 4)
-            pipe = FixedPipeline(np.concatenate([images, images]),
-                                 {k: np.concatenate([v, v]) for k, v in labels.items()})
-            # 2 replicas: float16 overflows at replica 1 in step 2 (after the comparison)
-            two = Trainer(cfg2, two_cpus, pipeline=pipe, gradient_hook=nan_at(2, replica=1) if precision else None)
+            pipe = FixedPipeline(*fixed_batch(cfg1, 8))
+            two = Trainer(cfg2, two_cpus, pipeline=pipe)
             one = Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe)
+            for trainer in (two, one):
+                for layer in trainer.model._flatten_layers():
+                    if isinstance(layer, tf.keras.layers.BatchNormalization):
+                        layer.trainable = False
             randomise_output_kernels(two.model)
             one.model.set_weights(two.model.get_weights())
             before = _trainable(one)
             if precision:
                 # A scale at which neither run overflows: where a gradient overflows depends on
-                # the batch split (the 1-device sum over 8 images overflows at 32768 here, each
+                # the batch split (the 1-device sum over 8 images can overflow where each
                 # replica's over 4 does not), so the comparison is of one finite step.
                 for trainer in (two, one):
                     trainer.optimizer.dynamic_scale.assign(256.0)
@@ -244,28 +247,11 @@ def run_mode(mode: str, out: str, *extra: str):
             tag = precision or "float32"
             results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
                             f"{tag}_skipped_two": len(run_two["skipped"]), f"{tag}_skipped_one": len(run_one["skipped"]),
+                            f"{tag}_variables": len(before),
                             **{f"{tag}_two_{i}": w for i, w in enumerate(_trainable(two))},
                             **{f"{tag}_one_{i}": w for i, w in enumerate(_trainable(one))},
                             **{f"{tag}_before_{i}": w for i, w in enumerate(before)}})
-            if precision:
-                # Replica 1's gradient is infinite at step 2: the update is skipped on both
-                # replicas and the loss scale falls; step 3 trains.
-                per_replica = lambda: [[np.array(t) for t in two.strategy.experimental_local_results(v)]  # noqa: E731
-                                       for v in two.model.trainable_variables]
-                replicas_before, iterations = per_replica(), int(two.optimizer.iterations.numpy())
-                scale_before = float(two.optimizer.dynamic_scale.numpy())
-                first = two.run_steps(it_two, 1)
-                replicas_after = per_replica()
-                second = two.run_steps(it_two, 1)
-                results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
-                               overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
-                               overflow_iterations=int(two.optimizer.iterations.numpy()) - iterations,
-                               overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
-                                                      for b, a in zip(bs, as_)),
-                               overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(two)),
-                               overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
-                                                  zip(replicas_before, two.model.trainable_variables)))
-            else:
+            if not precision:
                 # The default evaluator under 2 replicas == the 1-device evaluation of the same
                 # weights (random output layers find people).
                 randomise_output_kernels(two.model, std=0.3)
@@ -275,32 +261,6 @@ def run_mode(mode: str, out: str, *extra: str):
                 alone = evaluate_model(single, cfg2)
                 for k in ("score", "ap50", "predicted_people"):
                     results[f"eval_strategy_{k}"], results[f"eval_alone_{k}"] = under_strategy[k], alone[k]
-        # Distinct data per replica against one device on the joined batch: 8 different images,
-        # 4 per replica, SGD, float32. BatchNorm is frozen (its layers not trainable: Keras runs
-        # them in inference mode), so the per-replica batch statistics, which legitimately differ
-        # from the joined batch's, stay out of the comparison; everything else (the shard each
-        # replica reads, the all-reduce, the loss normalisation) is compared.
-        distinct = {}
-        for name, strategy, batch in (("two", two_cpus, 4), ("one", one_cpu, 8)):
-            cfg = synthetic_config(os.path.join(out, f"distinct_{name}"), extra[0], batch_size=batch, optimizer="sgd",
-                                   lr=1e-2, steps_per_call=1)
-            images, labels = fixed_batch(cfg.replace(batch_size=8), 8)
-            trainer = Trainer(cfg, strategy, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
-            for layer in trainer.model._flatten_layers():
-                if isinstance(layer, tf.keras.layers.BatchNormalization):
-                    layer.trainable = False
-            if name == "two":
-                randomise_output_kernels(trainer.model)
-                weights = trainer.model.get_weights()
-            else:
-                trainer.model.set_weights(weights)
-            before = _trainable(trainer)
-            run = trainer.run_steps(iter(trainer.dist_dataset), 1)
-            distinct[name] = (before, _trainable(trainer), run["total"])
-        results["distinct_loss_two"], results["distinct_loss_one"] = distinct["two"][2], distinct["one"][2]
-        results["distinct_variables"] = len(distinct["one"][0])
-        for i, (b, a2, a1) in enumerate(zip(distinct["two"][0], distinct["two"][1], distinct["one"][1])):
-            results[f"distinct_before_{i}"], results[f"distinct_two_{i}"], results[f"distinct_one_{i}"] = b, a2, a1
         # Gradient clipping on 2 replicas with distinct data (a batch of 8 different images, 4 per
         # replica), in float32 and under float16 loss scaling: SGD's first step moves the
         # weights by lr x the clipped gradient, so the move's global norm is lr x the limit when
@@ -312,16 +272,37 @@ def run_mode(mode: str, out: str, *extra: str):
             cfg = synthetic_config(os.path.join(out, f"clip{precision}"), extra[0], batch_size=4, optimizer="sgd",
                                    lr=1.0, mixed_precision=precision, steps_per_call=1, grad_clip_norm=1e-2)
             images, labels = fixed_batch(cfg, 8)
-            clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
+            # float16: replica 1 overflows in step 2, after the clipped step (BatchNorm trains)
+            clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels),
+                              gradient_hook=nan_at(2, replica=1) if precision else None)
             randomise_output_kernels(clipped.model)
             if precision:
                 clipped.optimizer.dynamic_scale.assign(256.0)
             before = _trainable(clipped)
-            run = clipped.run_steps(iter(clipped.dist_dataset), 1)
+            it_clipped = iter(clipped.dist_dataset)
+            run = clipped.run_steps(it_clipped, 1)
             tag = precision or "float32"
             results[f"clip_{tag}_moved"] = float(np.sqrt(sum(np.sum((np.float64(a) - b) ** 2)
                                                            for a, b in zip(_trainable(clipped), before))))
             results[f"clip_{tag}_skipped"] = len(run["skipped"])
+            if precision:
+                # Replica 1's gradient is infinite at step 2: the update is skipped on both
+                # replicas and the loss scale falls; step 3 trains.
+                per_replica = lambda: [[np.array(t) for t in clipped.strategy.experimental_local_results(v)]  # noqa: E731
+                                       for v in clipped.model.trainable_variables]
+                replicas_before, iterations = per_replica(), int(clipped.optimizer.iterations.numpy())
+                scale_before = float(clipped.optimizer.dynamic_scale.numpy())
+                first = clipped.run_steps(it_clipped, 1)
+                replicas_after = per_replica()
+                second = clipped.run_steps(it_clipped, 1)
+                results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
+                               overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
+                               overflow_iterations=int(clipped.optimizer.iterations.numpy()) - iterations,
+                               overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
+                                                      for b, a in zip(bs, as_)),
+                               overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(clipped)),
+                               overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
+                                                  zip(replicas_before, clipped.model.trainable_variables)))
         np.savez(os.path.join(out, "replicas.npz"), **results)
     elif mode == "worker":
         from utils.distribute import make_strategy
