@@ -130,6 +130,27 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(records, tmp_path):
     assert indices.tolist() == [0, 1, 2]
 
 
+def test_twenty_unusable_pictures_in_a_row_stop_the_pipeline_naming_the_first(records, tmp_path):
+    """One usable picture among 25 records: a record whose 20 successors (itself included) are
+    all unusable stops the pipeline with one line naming its file; 19 unusable then the usable
+    one is still read. Through ``dataset()``, the error reaches the caller as that line."""
+    from dataset.pipeline import MAX_REPLACEMENTS, input_error_message
+
+    assert MAX_REPLACEMENTS == 20
+    missing = [dataclasses.replace(records[0], image_path=str(tmp_path / f"missing{i}.jpg")) for i in range(24)]
+    pipe = InputPipeline(_cfg(batch_size=1, augment=False), "train", [records[0]] + missing)
+    with pytest.raises(ValueError) as e:
+        pipe._read_or_replace(5)                 # records 5..24: 20 unusable
+    assert str(e.value).startswith(f"20 records in a row from {str(tmp_path / 'missing4.jpg')!r} have no usable picture")
+    assert pipe.skipped.count == 20
+    rgb = pipe._read_or_replace(6)[0]            # records 6..24 (19 unusable), then record 0
+    assert rgb.shape == cv2.imread(records[0].image_path).shape and pipe.skipped.count == 39
+    with pytest.raises(tf.errors.OpError) as e:
+        for _ in pipe.dataset():
+            pass
+    assert input_error_message(e.value).startswith("20 records in a row from ")
+
+
 def test_eval_batches_carry_index_and_letterbox(records):
     pipe = InputPipeline(_cfg(), "val", records[:5])
     seen = []

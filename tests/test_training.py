@@ -164,8 +164,9 @@ def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_di
 
 
 def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(tmp_path):
-    """Fields that change what the checkpoint means (SPR targets, the network, the losses) are
-    refused with both values, before anything is written; epochs and logging may change."""
+    """Fields that change what the checkpoint means (SPR targets, the network, its skeleton and
+    input size, the losses) are refused with both values, before anything is written; epochs and
+    logging may change. A checkpoint is not saved from non-finite weights."""
     from utils.training import Trainer
 
     cfg = tiny_config(str(tmp_path), steps_per_epoch=1, epochs=1)
@@ -176,7 +177,10 @@ def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(t
             (dict(anchor="root"), "anchor: 'parent' in the run, 'root' now"),
             (dict(sigma=3.0), "sigma: 1.5 in the run, 3.0 now"),
             (dict(head_channels=8, root_loss="l2"),
-             "head_channels: 16 in the run, 8 now; root_loss: 'focal' in the run, 'l2' now")]:
+             "head_channels: 16 in the run, 8 now; root_loss: 'focal' in the run, 'l2' now"),
+            (dict(backbone="hrnet_w18"), "backbone: 'hrnet_tiny' in the run, 'hrnet_w18' now"),
+            (dict(dataset="coco", skeleton="coco"), "skeleton: 'ai_challenger' in the run, 'coco' now"),
+            (dict(input_height=96), "input_height: 64 in the run, 96 now")]:
         with pytest.raises(ValueError) as refused:
             Trainer(cfg.replace(epochs=2, **change), evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
         assert message in str(refused.value) and "--config" in str(refused.value)
@@ -185,6 +189,19 @@ def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(t
                       pipeline=FixedPipeline(images, labels))
     assert {name for name, _, _ in resumed.config_changes} == {"epochs", "log_every_steps", "score_threshold"}
     assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 2
+    # a checkpoint is never written from non-finite weights: the last good one stays the newest
+    import tensorflow as tf
+
+    from utils.training import NonFiniteLossError
+
+    listing = sorted(os.listdir(tmp_path / "checkpoints"))
+    kernel = resumed.model.get_layer("head.root.out").kernel
+    kernel.assign(tf.fill(kernel.shape, float("nan")))
+    with pytest.raises(NonFiniteLossError) as bad:
+        resumed.save_checkpoint()
+    assert str(bad.value) == (f"non-finite weights at step 1; not saved, the last good checkpoint is kept in "
+                              f"{tmp_path / 'checkpoints'}")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == listing
 
 
 def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
