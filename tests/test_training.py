@@ -39,22 +39,35 @@ def _state(trainer):
             [v.numpy().copy() for v in trainer.optimizer.variables])
 
 
-def test_non_finite_steps_are_skipped_counted_and_leave_everything_untouched(tmp_path):
-    """float32, non-finite gradients injected at steps 3 and 5: each update is skipped (weights,
-    BatchNorm statistics, Adam's moments and its iteration count exactly as before the step),
-    counted in the result and history.json, and the run finishes."""
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_non_finite_steps_are_skipped_counted_and_leave_everything_untouched(tmp_path, precision):
+    """Non-finite gradients injected at steps 3 and 5, in float32 and under float16 loss scaling:
+    each update is skipped (weights, BatchNorm statistics, Adam's moments and its iteration
+    count exactly as before the step; float16: the loss scale halved and its growth count restarted), counted in
+    the result and history.json, and the run finishes."""
     from training_helpers import nan_at
     from utils.training import Trainer
 
-    cfg = tiny_config(str(tmp_path), steps_per_epoch=6, epochs=1, steps_per_call=1)
+    cfg = tiny_config(str(tmp_path), steps_per_epoch=6, epochs=1, steps_per_call=1,
+                      mixed_precision="" if precision == "float32" else precision)
     images, labels = fixed_batch(cfg, 2)
     trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels), gradient_hook=nan_at(3, 5))
+    scale = getattr(trainer.optimizer, "dynamic_scale", None)
     it = iter(trainer.dist_dataset)
     trainer.run_steps(it, 2)
     weights, slots = _state(trainer)
+    scale_before = float(scale.numpy()) if scale is not None else None
     third = trainer.run_steps(it, 1)
     assert third["skipped"] == [3]
     after_weights, after_slots = _state(trainer)
+    if scale is not None:
+        # the loss scale halves and its count of good steps restarts; the inner optimizer's
+        # slots and iteration are compared below
+        assert float(scale.numpy()) == scale_before / 2
+        inner = {id(v) for v in trainer.optimizer.inner_optimizer.variables}
+        kept = [i for i, v in enumerate(trainer.optimizer.variables) if id(v) in inner]
+        assert 0 < len(kept) < len(trainer.optimizer.variables)
+        slots, after_slots = ([state[i] for i in kept] for state in (slots, after_slots))
     for a, b in zip(weights + slots, after_weights + after_slots):
         np.testing.assert_array_equal(a, b)
     assert int(trainer.optimizer.iterations.numpy()) == 2 and int(trainer.step.numpy()) == 3
