@@ -86,10 +86,33 @@ def test_process_per_gpu_across_machines_numbers_workers_globally():
         process_per_gpu_environments("0", environ=bad)
 
 
-def test_process_per_gpu_needs_gpus():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--process-per-gpu"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--process-per-gpu needs --gpus" in proc.stderr
+@pytest.mark.parametrize("argv, environ, message", [
+    (["--process-per-gpu"], {}, "--process-per-gpu needs --gpus (e.g. --gpus 0,1,2,3)"),
+    (["--process-per-gpu", "--gpus", "0,1", "--cpu-replicas", "2"], {},
+     "--process-per-gpu and --cpu-replicas exclude each other"),
+    (["--cpu"], {}, "--cpu goes with --process-per-gpu"),
+    (["--gpus", "1"], {"CUDA_VISIBLE_DEVICES": "3"},
+     "error: --gpus 1: CUDA_VISIBLE_DEVICES=3 exposes only 1 GPUs, there is no GPU 1 among them"),
+    (["--gpus", "0,x"], {}, "error: --gpus"),
+    (["--process-per-gpu", "--cpu", "--gpus", "0,1"],
+     {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}})},
+     "error: TF_CONFIG task type 'chief': --process-per-gpu expects 'worker' tasks, one per machine"),
+    (["--process-per-gpu", "--cpu", "--gpus", "0"],
+     {"TF_CONFIG": json.dumps({"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}})},
+     "error: TF_CONFIG worker address 'nohost' is not host:port"),
+    (["--cpu-replicas", "2", "--epochs", "1"],
+     {"TF_CONFIG": json.dumps({"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}})},
+     "--cpu-replicas > 1 cannot be combined with TF_CONFIG"),
+])
+def test_distribute_main_refuses_each_wrong_combination_with_exit_2(tmp_path, argv, environ, message):
+    """Every exit-2 path of distribute_main.py: one line naming the problem, nothing started."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "CUDA_VISIBLE_DEVICES")}
+    env.update(environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "distribute_main.py"), "--run-dir",
+                           str(tmp_path / "run"), *argv], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "started" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_one_failing_worker_process_stops_the_others():
