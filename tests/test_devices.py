@@ -203,3 +203,24 @@ def test_a_second_signal_after_the_first_kills_at_once(tmp_path):
     start = time.time()
     worker.send_signal(signal.SIGINT)
     assert worker.wait(timeout=30) == -signal.SIGINT and time.time() - start < 5
+
+
+def test_launcher_ports_are_free_and_outside_the_kernels_ephemeral_range():
+    """--process-per-gpu's ports: distinct, below the range the kernel hands out for port-0
+    binds (so no other process's bind can take one before the workers do), and a port in use
+    is passed over."""
+    import random
+    import socket
+
+    from utils.distribute import _ephemeral_range, free_local_ports
+
+    low, _ = _ephemeral_range()
+    ports = free_local_ports(4)
+    assert len(set(ports)) == 4 and all(1024 <= p < low for p in ports)
+    first = 10000 if low > 12000 else 1024
+    taken = random.Random(7).randrange(first, low)          # the first port seed 7 draws
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", taken))
+        s.listen(1)
+        again = free_local_ports(2, seed=7)
+    assert taken not in again and len(set(again)) == 2

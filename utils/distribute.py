@@ -69,19 +69,45 @@ def tf_config_task(environ: Optional[MutableMapping[str, str]] = None) -> Option
     return conf
 
 
-def free_local_ports(count: int) -> List[int]:
-    """``count`` distinct TCP ports free on localhost now (bound to port 0, then released)."""
-    sockets, ports = [], []
+def _ephemeral_range() -> tuple:
+    """The kernel's range for port-0 binds and outgoing connections (Linux; a common default
+    elsewhere)."""
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("localhost", 0))
-            sockets.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in sockets:
-            s.close()
-    return ports
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_local_ports(count: int, seed: Optional[int] = None) -> List[int]:
+    """``count`` distinct TCP ports free on localhost now, drawn at random *below* the kernel's
+    ephemeral range and checked by binding them (then released for the workers to bind).
+
+    A port the kernel handed out for a port-0 bind could be handed to another process (a
+    concurrent job or test, any outgoing connection) in the seconds before the workers bind it;
+    the kernel never hands out ports outside its ephemeral range, so only another caller of this
+    function could collide, with a chance of about ``count**2 / 20000``.
+    """
+    import random
+
+    low, _ = _ephemeral_range()
+    first = 10000 if low > 12000 else 1024
+    rng = random.Random(seed)
+    ports: List[int] = []
+    for _ in range(200 * count):
+        port = rng.randrange(first, low)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("localhost", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free TCP ports between {first} and {low} on localhost")
 
 
 def process_per_gpu_environments(gpu_spec: str, cpu: bool = False,
