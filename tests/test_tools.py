@@ -14,9 +14,18 @@ from training_helpers import random_head_run, subprocess_env
 
 
 def _run(tool, *args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+
+
+def _tool(name):
+    """A tool's module, to call its ``main(argv)`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +162,27 @@ def test_spm_model_test_writes_a_video(run_and_data, tmp_path):
     r = _run("spm_model_test.py", "--ckpt", run, "--video", clip, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     cap = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
-    frames = 0
-    while cap.read()[0]:
-        frames += 1
-    assert frames == 3
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == 3 and frames[0].shape == first.shape
     assert "3 frames in" in r.stdout and "frames/s" in r.stdout
+    # each frame is the picture with the Python path's poses drawn on it (to the codec's loss;
+    # the drawing changes the picture by far more)
+    from utils import predict
+    from utils.drawing import draw_prediction
+
+    model, cfg = predict.load_trained_model(run)
+    rgb = cv2.cvtColor(first, cv2.COLOR_BGR2RGB)
+    prediction, = predict.predict_images(predict.Predictor(model, cfg), [rgb])
+    assert len(prediction.poses) > 0
+    expected = cv2.cvtColor(draw_prediction(rgb, prediction, cfg.skeleton), cv2.COLOR_RGB2BGR).astype(np.float32)
+    drawing = np.abs(expected - first).mean()
+    for frame in frames:
+        assert np.abs(frame.astype(np.float32) - expected).mean() < drawing / 3, drawing
 
 
 def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_poses(run_and_data, tmp_path):
@@ -335,3 +360,81 @@ def test_plot_history_draws_a_run_and_refuses_a_folder_without_one(tmp_path):
     bad = _run("plot_history.py", "--run", tmp_path / "empty", "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "no history" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+def test_make_synthetic_writes_both_formats_the_same_for_any_number_of_threads(tmp_path, capsys):
+    """tools/make_synthetic.py: the pictures and both annotation files of the requested sizes;
+    the same bytes with 1 or 2 rendering threads, other pictures with another seed; the COCO
+    file holds the AI Challenger file's people."""
+    tool = _tool("make_synthetic")
+    for name, workers, seed in (("one", 1, 3), ("two", 2, 3), ("other", 1, 4)):
+        assert tool.main(["--out", str(tmp_path / name), "--train", "3", "--val", "2", "--seed", str(seed),
+                          "--workers", str(workers)]) == 0
+    one, two, other = (tmp_path / n for n in ("one", "two", "other"))
+    assert len(os.listdir(one / "train")) == 3 and len(os.listdir(one / "val")) == 2
+    for rel in ("train.json", "val.json", "train_coco.json", "val_coco.json",
+                *(f"{split}/{f}" for split in ("train", "val") for f in sorted(os.listdir(one / split)))):
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    first = sorted(os.listdir(one / "train"))[0]
+    assert (one / "train" / first).read_bytes() != (other / "train" / sorted(os.listdir(other / "train"))[0]).read_bytes()
+    aic = json.load(open(one / "val.json"))
+    coco = json.load(open(one / "val_coco.json"))
+    assert len(coco["images"]) == len(aic) == 2
+    assert len(coco["annotations"]) == sum(len(a["keypoint_annotations"]) for a in aic)
+
+
+def test_dataset_test_draws_the_chosen_records_and_their_root_peaks(run_and_data, tmp_path, capsys):
+    """tools/dataset_test.py --num 2 --start 1: two PNGs named by index and image id, the three
+    panels at 4x the 128 input (at least 512 pixels), one root peak per annotated person;
+    --augmented is a function of --seed; an index past the file is one line and exit 1."""
+    from dataset.ai_challenger import read_ai_challenger
+
+    _, paths = run_and_data
+    records, _ = read_ai_challenger(paths.val_json, paths.val_images)
+    tool = _tool("dataset_test")
+    common = ["--json", paths.val_json, "--images", paths.val_images, "--num", "2", "--start", "1",
+              "--input-height", "128", "--input-width", "128"]
+    assert tool.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == {"out": str(tmp_path / "plain"), "images": 2}
+    names = [f"{i:04d}_{records[i].image_id}.png" for i in (1, 2)]
+    assert sorted(os.listdir(tmp_path / "plain")) == names
+    for i, name in zip((1, 2), names):
+        assert cv2.imread(str(tmp_path / "plain" / name)).shape == (512, 3 * 512, 3)
+        n = records[i].num_people
+        assert f"{tmp_path / 'plain' / name}: {n} people annotated, {n} root peaks" in out
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert tool.main([*common, "--out", str(tmp_path / name), "--augmented", "--seed", str(seed)]) == 0
+    pictures = {d: (tmp_path / d / names[0]).read_bytes() for d in ("plain", "a", "b", "c")}
+    assert pictures["a"] == pictures["b"] and pictures["a"] != pictures["c"] and pictures["a"] != pictures["plain"]
+    capsys.readouterr()
+    assert tool.main(["--json", paths.val_json, "--images", paths.val_images, "--start", "9",
+                      "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dataset_test: error: {paths.val_json}: no image at index 9 (the file has 4)"]
+
+
+def test_model_val_drops_a_person_with_bad_values_or_refuses_it_with_strict_annotations(run_and_data, tmp_path,
+                                                                                        capsys, caplog):
+    """A person with an impossible visibility code (5) in the validation file: by default left
+    out, counted and named in the log, the other images predicted and scored;
+    ``--strict-annotations``: exit 2, one line naming the file and the person."""
+    import logging
+
+    run, paths = run_and_data
+    data = json.load(open(paths.val_json))
+    person = sorted(data[0]["keypoint_annotations"])[0]
+    data[0]["keypoint_annotations"][person][2] = 5
+    bad = tmp_path / "val_bad.json"
+    bad.write_text(json.dumps(data))
+    tool = _tool("model_val")
+    args = ["--ckpt", run, "--json", str(bad), "--images", paths.val_images, "--out", str(tmp_path / "p.json")]
+    with caplog.at_level(logging.WARNING):
+        assert tool.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == result["predicted_images"] == 4 and "score" in result
+    dropped = [r.getMessage() for r in caplog.records if "dropped 1 person" in r.getMessage()]
+    assert len(dropped) == 1 and str(bad) in dropped[0] and "--strict-annotations" in dropped[0]
+    assert tool.main([*args, "--strict-annotations"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0] and person in err[0], err

@@ -148,7 +148,7 @@ def test_wrapped_and_prefixed_state_dicts_are_normalised():
     assert list(normalize_state_dict(sd)) == ["conv1.weight"]
 
 
-def test_imagenet_checkpoint_feeds_single_and_multi_scale_trunks(tmp_path, spec):
+def test_imagenet_checkpoint_feeds_single_and_multi_scale_trunks(tmp_path, spec, capsys):
     multi = _randomise(build_hrnet(spec, multi_scale_output=True), seed=3)
     sd = keras_to_state_dict(multi)
     sd["incre_modules.0.0.conv1.weight"] = np.zeros((32, 16, 1, 1), np.float32)
@@ -162,6 +162,21 @@ def test_imagenet_checkpoint_feeds_single_and_multi_scale_trunks(tmp_path, spec)
     last = spec.stages[-1].num_modules - 1
     assert any(k.startswith(f"stage4.{last}.fuse_layers.3.") for k in ignored)
     assert not any(k.startswith(f"stage4.{last}.fuse_layers.0.") for k in ignored)
+    # the same through the command line (--source imagenet --multi-scale): the written file
+    # fills a multi-scale trunk with the checkpoint's values
+    spec_ = importlib.util.spec_from_file_location(
+        "convert_hrnet_weights", os.path.join(ROOT_DIR, "tools", "convert_hrnet_weights.py"))
+    tool = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tool)
+    out_cli = str(tmp_path / "cli.weights.h5")
+    assert tool.main(["--input", path, "--output", out_cli, "--arch", "hrnet_tiny", "--source", "imagenet",
+                      "--multi-scale"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == f"wrote {out_cli}: {len(multi.weights)} tensors, 2 ignored keys of the official heads"
+    filled = build_hrnet(spec, multi_scale_output=True)
+    load_layer_weights(filled, out_cli)
+    for a, b in zip(filled.weights, multi.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # A pose checkpoint (fuses into branch 0 only) cannot fill the multi-scale trunk.
     pose = {k: v for k, v in sd.items() if not k.startswith(f"stage4.{last}.fuse_layers.1.")}
     pose_path = str(tmp_path / "pose.npz")
