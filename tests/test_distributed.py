@@ -77,8 +77,9 @@ def test_gradient_clipping_limits_the_all_reduced_gradient_on_two_replicas(repli
 def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):
     r = replicas_run
     assert int(r["eval_alone_predicted_people"]) > 0      # the random head finds people
-    for k in ("score", "ap50", "predicted_people"):
-        assert float(r[f"eval_strategy_{k}"]) == float(r[f"eval_alone_{k}"]), k
+    assert int(r["eval_strategy_predicted_people"]) == int(r["eval_alone_predicted_people"])
+    for k in ("score", "ap50"):          # two execution paths: equal to float noise of the joints
+        assert float(r[f"eval_strategy_{k}"]) == pytest.approx(float(r[f"eval_alone_{k}"]), abs=1e-3), k
 
 
 def _start_workers(out, synth_dir, steps, every, mode="worker", log=None):
@@ -149,7 +150,10 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     model, cfg = load_trained_model(str(tmp_path / "run" / "final.weights.h5"))
     alone = evaluate_model(model, cfg)
     assert alone["predicted_people"] > 0 and int(w0["predicted_people"]) == alone["predicted_people"]
-    assert float(w0["score"]) == float(w1["score"]) == float(w0["history_score"]) == alone["score"]
+    # the chief's number reached worker 1 exactly; one device's recomputation is another
+    # execution path (a joint within float noise of an OKS threshold could move the score)
+    assert float(w0["score"]) == float(w1["score"]) == float(w0["history_score"])
+    assert float(w0["score"]) == pytest.approx(alone["score"], abs=1e-3)
 
 
 def test_a_wrong_val_folder_on_the_chief_stops_every_worker(tmp_path, synth_dir):
@@ -191,8 +195,8 @@ def test_process_per_gpu_trains_to_the_weights_of_mirrored_over_two_logical_cpus
               "--warmup-steps", "0", "--deterministic",
               "--steps-per-call", "1", "--finetune", str(init / "final.weights.h5"), "--log-every-steps", "1"]
     script = os.path.join(ROOT, "distribute_main.py")
-    runs = {"workers": (["--cpu", "--gpus", "0,1", "--process-per-gpu"], "Strategy with 2 replicas"),
-            "mirrored": (["--cpu-replicas", "2"], "MirroredStrategy with 2 replicas")}
+    runs = {"workers": (["--cpu", "--gpus", "0,1", "--process-per-gpu"], "MultiWorkerMirroredStrategy with 2 replicas"),
+            "mirrored": (["--cpu-replicas", "2"], " MirroredStrategy with 2 replicas")}
     for name, (flags, strategy) in runs.items():
         proc = subprocess.run([sys.executable, script, "--run-dir", str(tmp_path / name), *common, *flags],
                               env=_env(), capture_output=True, text=True, timeout=400)
@@ -200,6 +204,7 @@ def test_process_per_gpu_trains_to_the_weights_of_mirrored_over_two_logical_cpus
         summary = json.loads(proc.stdout.strip().splitlines()[-1])     # the chief's summary
         assert summary["steps"] == 1, summary
         assert proc.stderr.count(strategy) == (2 if name == "workers" else 1), proc.stderr[-3000:]
+        assert ("MultiWorker" in proc.stderr) == (name == "workers")
     before = _trainable_after(str(init))
     workers, mirrored = _trainable_after(str(tmp_path / "workers")), _trainable_after(str(tmp_path / "mirrored"))
     errors = []

@@ -152,8 +152,11 @@ def test_spm_model_test_on_an_empty_folder_fails_clearly(run_and_data, tmp_path)
 
 
 def test_spm_model_test_writes_a_video(run_and_data, tmp_path):
+    """--video: every frame of the clip, the Python path's poses drawn on it (to the codecs'
+    loss, which is far below what the drawing changes)."""
     run, paths = run_and_data
     first = cv2.imread(os.path.join(paths.val_images, sorted(os.listdir(paths.val_images))[0]))
+    first = first[:first.shape[0] // 2 * 2, :first.shape[1] // 2 * 2]      # mp4v keeps even sizes
     clip = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(clip, cv2.VideoWriter_fourcc(*"MJPG"), 5, (first.shape[1], first.shape[0]))
     for _ in range(3):
@@ -167,22 +170,24 @@ def test_spm_model_test_writes_a_video(run_and_data, tmp_path):
         ok, frame = cap.read()
         if not ok:
             break
-        frames.append(frame)
+        frames.append(frame.astype(np.float32))
     assert len(frames) == 3 and frames[0].shape == first.shape
     assert "3 frames in" in r.stdout and "frames/s" in r.stdout
-    # each frame is the picture with the Python path's poses drawn on it (to the codec's loss;
-    # the drawing changes the picture by far more)
     from utils import predict
     from utils.drawing import draw_prediction
 
+    source = cv2.cvtColor(cv2.VideoCapture(clip).read()[1], cv2.COLOR_BGR2RGB)     # the frame the tool read
     model, cfg = predict.load_trained_model(run)
-    rgb = cv2.cvtColor(first, cv2.COLOR_BGR2RGB)
-    prediction, = predict.predict_images(predict.Predictor(model, cfg), [rgb])
+    prediction, = predict.predict_images(predict.Predictor(model, cfg), [source])
     assert len(prediction.poses) > 0
-    expected = cv2.cvtColor(draw_prediction(rgb, prediction, cfg.skeleton), cv2.COLOR_RGB2BGR).astype(np.float32)
-    drawing = np.abs(expected - first).mean()
+    expected = cv2.cvtColor(draw_prediction(source, prediction, cfg.skeleton), cv2.COLOR_RGB2BGR).astype(np.float32)
+    undrawn = cv2.cvtColor(source, cv2.COLOR_RGB2BGR).astype(np.float32)
+    drawn = np.abs(expected - undrawn).max(axis=-1) > 60                       # the skeletons' pixels
+    assert drawn.mean() > 0.002
     for frame in frames:
-        assert np.abs(frame.astype(np.float32) - expected).mean() < drawing / 3, drawing
+        error = np.abs(frame - expected).max(axis=-1)[drawn]
+        # measured: median 16-32 against the drawn picture, 108-122 against the undrawn one
+        assert np.median(error) < 0.5 * np.median(np.abs(frame - undrawn).max(axis=-1)[drawn])
 
 
 def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_poses(run_and_data, tmp_path):

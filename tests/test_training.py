@@ -21,7 +21,8 @@ HELPERS = os.path.join(ROOT, "tests", "training_helpers.py")
 def test_loss_falls_over_20_steps_on_a_fixed_batch(tmp_path):
     from utils.training import Trainer
 
-    cfg = tiny_config(str(tmp_path), batch_size=4, steps_per_epoch=20, epochs=1, lr=3e-3)
+    cfg = tiny_config(str(tmp_path), batch_size=4, steps_per_epoch=20, epochs=1, lr=3e-3,
+                      deterministic=True, seed=0)      # the trunk's initial weights seeded
     images, labels = fixed_batch(cfg, 4)
     trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
     it = iter(trainer.dist_dataset)
@@ -249,7 +250,15 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
                              "--out", str(tmp_path / "exported"), "--no-tflite"],
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
-    assert os.path.exists(tmp_path / "exported" / "saved_model" / "saved_model.pb")
+    # the SavedModel holds the run's trained weights (its stem kernel among its variables)
+    import tensorflow as tf
+
+    trained = np.asarray(get_backbone(trainer.model).get_layer("conv1").kernel)
+    assert not np.array_equal(trained, np.asarray(trunk.get_layer("conv1").kernel))
+    reader = tf.train.load_checkpoint(str(tmp_path / "exported" / "saved_model" / "variables" / "variables"))
+    same = [name for name, shape in reader.get_variable_to_shape_map().items()
+            if list(shape) == list(trained.shape) and np.array_equal(reader.get_tensor(name), trained)]
+    assert len(same) == 1, same
 
 
 def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
@@ -261,7 +270,7 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
     moves = {}
     for xla in (False, True):
         cfg = tiny_config(str(tmp_path / f"xla{xla}"), batch_size=2, optimizer="sgd", lr=1e-2, xla=xla,
-                          grad_clip_norm=1.0, steps_per_call=1)
+                          grad_clip_norm=1.0, steps_per_call=1, deterministic=True, seed=0)
         images, labels = fixed_batch(cfg, 2)
         trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels),
                           gradient_hook=nan_at(2))
