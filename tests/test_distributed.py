@@ -82,14 +82,17 @@ def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):
         assert float(r[f"eval_strategy_{k}"]) == pytest.approx(float(r[f"eval_alone_{k}"]), abs=1e-3), k
 
 
-def _start_workers(out, synth_dir, steps, every, mode="worker", log=None):
+def _start_workers(out, synth_dir, steps, every, mode="worker", log=None, outs=None):
+    """Two loopback workers of ``training_helpers.py MODE``; ``outs``: each worker's own folder
+    (default: ``out`` for both, the storage every worker sees)."""
     ports = free_local_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         stdout = open(log, "w") if (log and index == 0) else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, HELPERS, mode, str(out), synth_dir, str(steps), str(every)],
+        folder = outs[index] if outs else out
+        procs.append(subprocess.Popen([sys.executable, HELPERS, mode, str(folder), synth_dir, str(steps), str(every)],
                                       env=_env(TF_CONFIG=tf_config), stdout=stdout,
                                       stderr=subprocess.PIPE, text=True))
     return procs
@@ -111,7 +114,8 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     with 75; worker 1's checkpoint is in its one scratch folder, not in the run directory. 2: the
     same command resumes both from the chief's checkpoint and finishes on the planned step with
     identical weights on both workers, evaluated once (on the chief) to the score that one device
-    gives with the final weights. (``kill -9`` and resume: tests/test_preemption.py.)"""
+    gives with the final weights. 3: a worker that cannot see the chief's checkpoints (it
+    restores nothing) stops both workers with the cause. (``kill -9`` and resume: tests/test_preemption.py.)"""
     from utils.training import worker_scratch_dir
 
     steps, every = 12, 0
@@ -154,6 +158,15 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
     # execution path (a joint within float noise of an OKS threshold could move the score)
     assert float(w0["score"]) == float(w1["score"]) == float(w0["history_score"])
     assert float(w0["score"]) == pytest.approx(alone["score"], abs=1e-3)
+
+    # 3: worker 1 on storage the chief's checkpoints are not on (its own empty run directory):
+    # it would start from step 0 while the chief resumes at the end; both stop, naming the cause
+    procs = _start_workers(tmp_path, synth_dir, steps, every, outs=[tmp_path, tmp_path / "elsewhere"])
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode != 0 and "the workers restored different steps" in err, err[-2000:]
+    assert f"this worker: {steps}" in errs[0] and "this worker: 0" in errs[1]
+    assert "run directory must be on storage that all workers see" in errs[1]
 
 
 def test_a_wrong_val_folder_on_the_chief_stops_every_worker(tmp_path, synth_dir):

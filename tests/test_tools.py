@@ -31,7 +31,8 @@ def _tool(name):
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory):
     """A tiny run directory (random output layers, so people are found) and a small AI
-    Challenger-format image set with one unreadable image."""
+    Challenger-format image set (4 validation pictures; the tests that need an unreadable one
+    make it in their own folder)."""
     from dataset.synthetic import generate_synthetic_dataset
 
     base = tmp_path_factory.mktemp("tools")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 from typing import Dict, List, MutableMapping, Optional
 
@@ -89,8 +90,6 @@ def free_local_ports(count: int, seed: Optional[int] = None) -> List[int]:
     the kernel never hands out ports outside its ephemeral range, so only another caller of this
     function could collide, with a chance of about ``count**2 / 20000``.
     """
-    import random
-
     low, _ = _ephemeral_range()
     first = 10000 if low > 12000 else 1024
     rng = random.Random(seed)

@@ -139,9 +139,13 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, subset: bool = False,
-                 records: Optional[Sequence] = None, max_skipped_fraction: Optional[float] = None):
+                 records: Optional[Sequence] = None, max_skipped_fraction: Optional[float] = None,
+                 shares: Optional["Evaluator"] = None):
+        if shares is not None and shares.flip != flip:
+            raise ValueError("an Evaluator can share the predictor only of one with the same flip setting")
         self.cfg, self.flip, self.num_pictures = cfg, flip, num_pictures
         self.max_skipped_fraction = max_skipped_fraction
+        self._shares = shares
         self.records = list(records) if records is not None else load_records(cfg, "val")[0]
         size = cfg.data.max_val_images
         if subset and 0 < size < len(self.records):
@@ -150,6 +154,15 @@ class Evaluator:
         self.ann_json, self.image_dir = split_paths(cfg, "val")
         self._predictor: Optional[Predictor] = None
 
+    def predictor(self, model) -> Predictor:
+        """The compiled predictor of ``model``, made once (with ``shares``: the other
+        evaluator's, so that the per-epoch subset, the full split and the final picture trace
+        the network once)."""
+        owner = self._shares or self
+        if owner._predictor is None or owner._predictor.model is not model:
+            owner._predictor = Predictor(model, self.cfg, flip=self.flip)
+        return owner._predictor
+
     def check_readable(self) -> None:
         """ValueError naming the image folder when none of the first validation pictures decodes
         (a wrong ``--val-images``), before any training step."""
@@ -157,9 +170,7 @@ class Evaluator:
 
     def __call__(self, model, writer=None, step: int = 0) -> Dict[str, Any]:
         start = time.time()
-        if self._predictor is None or self._predictor.model is not model:
-            self._predictor = Predictor(model, self.cfg, flip=self.flip)
-        predictions, pipeline = predict_records(self._predictor, self.records, self.cfg.data.batch_size)
+        predictions, pipeline = predict_records(self.predictor(model), self.records, self.cfg.data.batch_size)
         result = score_predictions_for(self.cfg, self.ann_json, predictions,
                                        [r.image_id for r in self.records])
         result["predicted_people"] = int(sum(len(p.poses) for p in predictions))
@@ -189,10 +200,14 @@ def _draw(prediction: Prediction, cfg: Config) -> np.ndarray:
     return draw_prediction(read_rgb(prediction.record.image_path), prediction, cfg.skeleton)
 
 
-def save_prediction_picture(model, cfg: Config, path: str, num_images: int = 6) -> str:
-    """Predictions on the first validation images, tiled into one PNG at ``path``."""
-    records, _ = load_records(cfg, "val")
-    predictions, _ = predict_records(Predictor(model, cfg), records[:num_images], cfg.data.batch_size)
+def save_prediction_picture(model, cfg: Config, path: str, num_images: int = 6, records: Optional[Sequence] = None,
+                            predictor: Optional[Predictor] = None) -> str:
+    """Predictions on the first validation images (``records``: of these; ``predictor``: this
+    compiled one), tiled into one PNG at ``path``."""
+    if records is None:
+        records, _ = load_records(cfg, "val")
+    predictor = predictor or Predictor(model, cfg)
+    predictions, _ = predict_records(predictor, list(records)[:num_images], cfg.data.batch_size)
     pictures = [_draw(p, cfg) for p in predictions]
     if not pictures:
         raise ValueError("no readable validation image to draw predictions on")

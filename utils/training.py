@@ -387,7 +387,7 @@ class Trainer:
                 full.check_readable()
                 self._evaluators = {True: full, False: Evaluator(
                     self.cfg, flip=flip, subset=True, records=full.records,
-                    max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION)}
+                    max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION, shares=full)}
         except (ValueError, FileNotFoundError) as e:
             error = str(e)
         self._raise_on_every_worker(error, "checking the input")
@@ -711,7 +711,9 @@ class Trainer:
         if not preempted and self.is_chief:
             save_weights_atomically(self.model, os.path.join(self.run_dir, FINAL_WEIGHTS))
             if self.evaluate_fn is None:
-                path = save_prediction_picture(self.model, self.cfg, os.path.join(self.run_dir, PICTURE))
+                full = self._evaluators[True]            # its records and compiled predictor
+                path = save_prediction_picture(self.model, self.cfg, os.path.join(self.run_dir, PICTURE),
+                                               records=full.records, predictor=full.predictor(self.model))
                 log.info("predictions on validation images: %s", path)
         self.writer.flush()
         if not self.is_chief and not preempted:
