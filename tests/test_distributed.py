@@ -29,16 +29,17 @@ def replicas_run(tmp_path_factory, synth_dir):
 
 
 @pytest.mark.parametrize("precision, loss_rtol, median_tol, max_tol",
-                         [("float32", 1e-5, 1e-5, 1e-4), ("float16", 1e-3, 1e-2, 5e-2)])
+                         [("float32", 1e-5, 1e-5, 1e-4), ("float16", 1e-2, 5e-2, 0.2)])
 def test_two_logical_cpu_replicas_reading_distinct_data_match_one_device(replicas_run, precision, loss_rtol,
                                                                            median_tol, max_tol):
-    """One SGD step on 2 replicas, 4 different pictures each, == the same step on 1 device on
-    all 8, in float32 and under the float16 policy with loss scaling (at a scale where neither
-    overflows); BatchNorm frozen, so batch statistics are out of the comparison. Per variable,
-    the relative error of the move ``|d2 - d1| / |d1|`` is measured against the tolerance. A
-    replica reading the other's shard, one gradient counted twice or left out, or a wrong
-    normalisation (x2) moves every variable by another gradient (50-100%). Measured here
-    (float32, float16): median 1e-7 and 3e-4, worst 9e-7 and 3e-4."""
+    """One SGD step on 2 replicas, 4 different pictures each, == the float32 step of 1 device on
+    all 8, the replicas in float32 and under the float16 policy with loss scaling (at a scale
+    where the step does not overflow); BatchNorm frozen, so batch statistics are out of the
+    comparison. Per variable, the relative error of the move ``|d2 - d1| / |d1|`` is measured
+    against the tolerance: here median 1e-7 and worst 9e-7 in float32, median 1e-2 and worst
+    6e-2 in float16 (its gradients' precision). A replica reading the other's shard, one
+    gradient counted twice or left out, a wrong normalisation (x2) or a scaled gradient left
+    unscaled moves every variable by another gradient (50-100% or more)."""
     r = replicas_run
     np.testing.assert_allclose(float(r[f"{precision}_loss_two"]), float(r[f"{precision}_loss_one"]), rtol=loss_rtol)
     assert int(r[f"{precision}_skipped_two"]) == int(r[f"{precision}_skipped_one"]) == 0

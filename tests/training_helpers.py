@@ -213,43 +213,49 @@ def run_mode(mode: str, out: str, *extra: str):
         # draw the same collective instance keys.
         two_cpus, one_cpu = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), tf.distribute.OneDeviceStrategy("/cpu:0")
         # One SGD step on 2 replicas against one device on the joined batch, 8 different
-        # pictures (4 per replica), in float32 and under float16 loss scaling. SGD: the weights
-        # after a step differ from the 1-device step by lr x (summation-order noise of the
-        # gradients); Adam's first step, lr g / (|g| + eps), would amplify that noise for
-        # gradients near eps. BatchNorm is frozen (its layers not trainable: Keras runs them in
-        # inference mode), so the per-replica batch statistics, which legitimately differ from
-        # the joined batch's, stay out of the comparison; everything else (the shard each
-        # replica reads, the all-reduce, the loss normalisation, the finite decision) is compared.
+        # pictures (4 per replica): 2 replicas in float32 and under float16 loss scaling, each
+        # against the float32 step of one device. SGD: the weights after a step differ from the
+        # 1-device step by lr x (summation-order noise of the gradients; float16's precision);
+        # Adam's first step, lr g / (|g| + eps), would amplify that noise for gradients near
+        # eps. BatchNorm is frozen (its layers not trainable: Keras runs them in inference mode),
+        # so the per-replica batch statistics, which legitimately differ from the joined batch's,
+        # stay out of the comparison; everything else (the shard each replica reads, the
+        # all-reduce, the loss normalisation and scaling, the finite decision) is compared.
+        def frozen(trainer):
+            for layer in trainer.model._flatten_layers():
+                if isinstance(layer, tf.keras.layers.BatchNormalization):
+                    layer.trainable = False
+            return trainer
+
+        reference = None
         for precision in ("", "float16"):
-            common = dict(optimizer="sgd", lr=1e-2, mixed_precision=precision, steps_per_call=1,
-                          joint_heatmaps=True)      # the default run's three heads
-            cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4, **common)
-            cfg1 = synthetic_config(os.path.join(out, f"one{precision}"), extra[0], batch_size=8, **common)
-            pipe = FixedPipeline(*fixed_batch(cfg1, 8))
-            two = Trainer(cfg2, two_cpus, pipeline=pipe)
-            one = Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe)
-            for trainer in (two, one):
-                for layer in trainer.model._flatten_layers():
-                    if isinstance(layer, tf.keras.layers.BatchNormalization):
-                        layer.trainable = False
-            randomise_output_kernels(two.model)
-            one.model.set_weights(two.model.get_weights())
-            before = _trainable(one)
+            common = dict(optimizer="sgd", lr=1e-2, steps_per_call=1, joint_heatmaps=True)   # the default run's heads
+            cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4,
+                                    mixed_precision=precision, **common)
+            pipe = FixedPipeline(*fixed_batch(cfg2.replace(batch_size=8), 8))
+            two = frozen(Trainer(cfg2, two_cpus, pipeline=pipe))
+            if reference is None:
+                randomise_output_kernels(two.model)
+                initial = two.model.get_weights()
+                cfg1 = synthetic_config(os.path.join(out, "one"), extra[0], batch_size=8, **common)
+                one = frozen(Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe))
+                one.model.set_weights(initial)
+                before = _trainable(one)
+                run_one = one.run_steps(iter(one.dist_dataset), 1)
+                reference = (before, _trainable(one), run_one)
+            two.model.set_weights(initial)
             if precision:
-                # A scale at which neither run overflows: where a gradient overflows depends on
-                # the batch split (the 1-device sum over 8 images can overflow where each
-                # replica's over 4 does not), so the comparison is of one finite step.
-                for trainer in (two, one):
-                    trainer.optimizer.dynamic_scale.assign(256.0)
+                # a scale at which the step does not overflow
+                two.optimizer.dynamic_scale.assign(256.0)
+            before, after_one, run_one = reference
             it_two = iter(two.dist_dataset)
             run_two = two.run_steps(it_two, 1)
-            run_one = one.run_steps(iter(one.dist_dataset), 1)
             tag = precision or "float32"
             results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
                             f"{tag}_skipped_two": len(run_two["skipped"]), f"{tag}_skipped_one": len(run_one["skipped"]),
                             f"{tag}_variables": len(before),
                             **{f"{tag}_two_{i}": w for i, w in enumerate(_trainable(two))},
-                            **{f"{tag}_one_{i}": w for i, w in enumerate(_trainable(one))},
+                            **{f"{tag}_one_{i}": w for i, w in enumerate(after_one)},
                             **{f"{tag}_before_{i}": w for i, w in enumerate(before)}})
             if not precision:
                 # The default evaluator under 2 replicas == the 1-device evaluation of the same
