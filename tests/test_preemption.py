@@ -127,8 +127,7 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
 def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes(tmp_path):
     """``distribute_main.py --process-per-gpu`` (two CPU worker processes) signalled as a
     scheduler does (SIGTERM to the launcher and its workers): the chief's console streams live,
-    both workers save the same step and the launcher exits with 75; the same command resumes
-    and finishes the planned steps."""
+    both workers save the same step and the launcher exits with 75."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu", "--gpus", "0,1", "--process-per-gpu",
            "--run-dir", str(run_dir), "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
@@ -149,7 +148,4 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes
     assert result["preempted"] is True and 0 < stopped < 120
     assert saved_steps(run_dir / "checkpoints") == [stopped]
     assert "error: worker process" not in text                 # no worker was killed as a failure
-    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stderr[-3000:]
-    result = json.loads(second.stdout.strip().splitlines()[-1])
-    assert result["resumed_from"].endswith(f"ckpt-{stopped}") and result["steps"] == 120
+    # (the workers' resume from that step: the same TF_CONFIG workers in test_distributed.py)
