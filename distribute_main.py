@@ -136,10 +136,14 @@ def main(argv=None) -> int:
 
     def strategy():
         # TensorFlow loads here, after --gpus has set CUDA_VISIBLE_DEVICES (it reads it once).
-        from utils.distribute import make_strategy
+        import tensorflow as tf
+        from utils.distribute import make_strategy  # (imports TensorFlow too)
 
         s = make_strategy(cpu_replicas=args.cpu_replicas)
-        logging.info("%s with %d replicas", type(s).__name__, s.num_replicas_in_sync)
+        # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
+        name = ("MultiWorkerMirroredStrategy" if isinstance(s, tf.distribute.MultiWorkerMirroredStrategy)
+                else type(s).__name__)
+        logging.info("%s with %d replicas", name, s.num_replicas_in_sync)
         return s
 
     return run_cli(args, strategy)

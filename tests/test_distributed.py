@@ -83,6 +83,11 @@ def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):
         assert float(r[f"eval_strategy_{k}"]) == pytest.approx(float(r[f"eval_alone_{k}"]), abs=1e-3), k
 
 
+# what a finished run directory holds (docs/training.md), written by the chief alone
+RUN_FILES = sorted(["best.weights.h5", "checkpoints", "config.json", "final.weights.h5", "history.json", "logs",
+                    "predictions.png", "resumes.jsonl"])
+
+
 def _start_workers(out, synth_dir, steps, every, mode="worker", log=None, outs=None):
     """Two loopback workers of ``training_helpers.py MODE``; ``outs``: each worker's own folder
     (default: ``out`` for both, the storage every worker sees)."""
@@ -148,6 +153,10 @@ def test_two_workers_preempted_resume_together_with_identical_weights(tmp_path, 
             np.testing.assert_array_equal(w0[k], w1[k])
     assert saved_steps(ckpts)[-1] == steps
     assert not os.path.exists(scratch)                        # removed at the normal end
+    # only the chief wrote into the run directory: one TensorBoard file per run of the chief
+    run_dir = tmp_path / "run"
+    assert sorted(os.listdir(run_dir)) == RUN_FILES
+    assert len(os.listdir(run_dir / "logs")) == 2
     # evaluation: the chief's score reached worker 1, and one device gives it from final weights
     from utils.evaluation import evaluate_model
     from utils.predict import load_trained_model
