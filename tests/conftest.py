@@ -23,3 +23,20 @@ def synth_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("synth"))
     ensure_synthetic_dataset(synthetic_config("", path))
     return path
+
+
+# The files whose tests take longest (minutes: several processes or trainers each), heaviest first.
+# pytest-xdist hands whole files to its two workers in collection order (pytest.ini, --dist
+# loadfile): starting these first keeps the two workers busy until the end instead of leaving one
+# idle while the other runs a long file picked up last.
+HEAVY_FILES = ("test_training.py", "test_distributed.py", "test_preemption.py", "test_real_photos.py",
+               "test_benchmarks.py", "test_replicas.py", "test_tools.py", "test_export.py", "test_heatmaps.py",
+               "test_skeletons.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return HEAVY_FILES.index(name) if name in HEAVY_FILES else len(HEAVY_FILES)
+
+    items.sort(key=rank)        # stable: the tests of a file keep their order

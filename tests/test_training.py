@@ -1,6 +1,6 @@
 """The training loop in one process: learning, NaN handling, resume checks, XLA, loading runs.
 
-Replicas, several workers, kill-and-resume of processes: ``test_distributed.py``."""
+Replicas: ``test_replicas.py``; several workers: ``test_distributed.py``; kill and resume: ``test_preemption.py``."""
 
 import dataclasses
 import glob
