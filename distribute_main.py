@@ -136,14 +136,10 @@ def main(argv=None) -> int:
 
     def strategy():
         # TensorFlow loads here, after --gpus has set CUDA_VISIBLE_DEVICES (it reads it once).
-        import tensorflow as tf
-        from utils.distribute import make_strategy  # (imports TensorFlow too)
+        from utils.distribute import make_strategy, strategy_name
 
         s = make_strategy(cpu_replicas=args.cpu_replicas)
-        # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
-        name = ("MultiWorkerMirroredStrategy" if isinstance(s, tf.distribute.MultiWorkerMirroredStrategy)
-                else type(s).__name__)
-        logging.info("%s with %d replicas", name, s.num_replicas_in_sync)
+        logging.info("%s with %d replicas", strategy_name(s), s.num_replicas_in_sync)
         return s
 
     return run_cli(args, strategy)

@@ -141,7 +141,8 @@ def test_twenty_unusable_pictures_in_a_row_stop_the_pipeline_naming_the_first(re
     pipe = InputPipeline(_cfg(batch_size=1, augment=False), "train", [records[0]] + missing)
     with pytest.raises(ValueError) as e:
         pipe._read_or_replace(5)                 # records 5..24: 20 unusable
-    assert str(e.value).startswith(f"20 records in a row from {str(tmp_path / 'missing4.jpg')!r} have no usable picture")
+    first_missing = str(tmp_path / "missing4.jpg")
+    assert str(e.value).startswith(f"20 records in a row from {first_missing!r} have no usable picture")
     assert pipe.skipped.count == 20
     rgb = pipe._read_or_replace(6)[0]            # records 6..24 (19 unusable), then record 0
     assert rgb.shape == cv2.imread(records[0].image_path).shape and pipe.skipped.count == 39

@@ -149,13 +149,15 @@ def test_process_per_gpu_trains_to_the_weights_of_mirrored_over_two_logical_cpus
     random_head_run(str(init), joint_heatmaps=True)          # the preset's three heads
     common = ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "2",
               "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64",
-              "--batch-size", "1", "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
-              "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "1", "--no-augment",
+              "--batch-size", "1", "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16",
+              "--head-channels", "16", "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "1",
+              "--no-augment",
               "--optimizer", "sgd", "--lr", "1e-2", "--lr-decay-epochs", "", "--lr-schedule", "step",
               "--warmup-steps", "0", "--deterministic",
               "--steps-per-call", "1", "--finetune", str(init / "final.weights.h5"), "--log-every-steps", "1"]
     script = os.path.join(ROOT, "distribute_main.py")
-    runs = {"workers": (["--cpu", "--gpus", "0,1", "--process-per-gpu"], "MultiWorkerMirroredStrategy with 2 replicas"),
+    runs = {"workers": (["--cpu", "--gpus", "0,1", "--process-per-gpu"],
+                        "MultiWorkerMirroredStrategy with 2 replicas"),
             "mirrored": (["--cpu-replicas", "2"], " MirroredStrategy with 2 replicas")}
     for name, (flags, strategy) in runs.items():
         proc = subprocess.run([sys.executable, script, "--run-dir", str(tmp_path / name), *common, *flags],

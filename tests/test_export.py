@@ -61,7 +61,6 @@ def exported(run_dir, tmp_path_factory):
 
 def _served(exported, signature, images):
     import tensorflow as tf
-    from utils import export
 
     serve = tf.saved_model.load(str(exported / "saved_model")).signatures[signature]
     return {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}

@@ -124,7 +124,7 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
     _assert_same_weights(run_dir, uninterrupted / "run")
 
 
-def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes(tmp_path):
+def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_and_exits_75(tmp_path):
     """``distribute_main.py --process-per-gpu`` (two CPU worker processes) signalled as a
     scheduler does (SIGTERM to the launcher and its workers): the chief's console streams live,
     both workers save the same step and the launcher exits with 75."""
@@ -132,8 +132,9 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_then_resumes
     cmd = [sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu", "--gpus", "0,1", "--process-per-gpu",
            "--run-dir", str(run_dir), "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
            "--synthetic-val-images", "2", "--input-height", "64", "--input-width", "64", "--batch-size", "1",
-           "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
-           "--tau", "2", "--epochs", "1", "--steps-per-epoch", "120", "--steps-per-call", "2", "--deterministic"]
+           "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
+           "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "120", "--steps-per-call", "2",
+           "--deterministic"]
     log = tmp_path / "launcher.log"
     with open(log, "w") as out:
         launcher = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,

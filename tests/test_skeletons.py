@@ -176,7 +176,8 @@ def test_a_made_up_five_joint_skeleton_trains_scores_and_exports_from_the_run_di
         ["--run-dir", str(run), "--dataset", "coco", "--train-json", str(train), "--train-images", paths.train_images,
          "--val-json", str(val), "--val-images", paths.val_images, "--input-height", "64", "--input-width", "64",
          "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "4", "--backbone", "hrnet_tiny",
-         "--tiny-width", "8", "--tiny-modules", "1,1,1", "--head-channels", "16", "--score-threshold", "0", "--no-eval-flip"])
+         "--tiny-width", "8", "--tiny-modules", "1,1,1", "--head-channels", "16", "--score-threshold", "0",
+         "--no-eval-flip"])
     assert main.run_cli(args) == 0
     saved = json.load(open(run / "config.json"))["data"]
     assert saved["skeleton"] == "auto" and saved["skeleton_spec"]["joint_names"] == FIVE

@@ -10,22 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from training_helpers import random_head_run, subprocess_env
+from training_helpers import load_tool, random_head_run, subprocess_env
 
 
 def _run(tool, *args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
-
-def _tool(name):
-    """A tool's module, to call its ``main(argv)`` in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +358,11 @@ def test_plot_history_draws_a_run_and_refuses_a_folder_without_one(tmp_path):
     assert bad.returncode == 2 and "no history" in bad.stderr and "Traceback" not in bad.stderr
 
 
-
 def test_make_synthetic_writes_both_formats_the_same_for_any_number_of_threads(tmp_path, capsys):
     """tools/make_synthetic.py: the pictures and both annotation files of the requested sizes;
     the same bytes with 1 or 2 rendering threads, other pictures with another seed; the COCO
     file holds the AI Challenger file's people."""
-    tool = _tool("make_synthetic")
+    tool = load_tool("make_synthetic")
     for name, workers, seed in (("one", 1, 3), ("two", 2, 3), ("other", 1, 4)):
         assert tool.main(["--out", str(tmp_path / name), "--train", "3", "--val", "2", "--seed", str(seed),
                           "--workers", str(workers)]) == 0
@@ -382,7 +372,8 @@ def test_make_synthetic_writes_both_formats_the_same_for_any_number_of_threads(t
                 *(f"{split}/{f}" for split in ("train", "val") for f in sorted(os.listdir(one / split)))):
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
     first = sorted(os.listdir(one / "train"))[0]
-    assert (one / "train" / first).read_bytes() != (other / "train" / sorted(os.listdir(other / "train"))[0]).read_bytes()
+    other_first = sorted(os.listdir(other / "train"))[0]
+    assert (one / "train" / first).read_bytes() != (other / "train" / other_first).read_bytes()
     aic = json.load(open(one / "val.json"))
     coco = json.load(open(one / "val_coco.json"))
     assert len(coco["images"]) == len(aic) == 2
@@ -397,7 +388,7 @@ def test_dataset_test_draws_the_chosen_records_and_their_root_peaks(run_and_data
 
     _, paths = run_and_data
     records, _ = read_ai_challenger(paths.val_json, paths.val_images)
-    tool = _tool("dataset_test")
+    tool = load_tool("dataset_test")
     common = ["--json", paths.val_json, "--images", paths.val_images, "--num", "2", "--start", "1",
               "--input-height", "128", "--input-width", "128"]
     assert tool.main([*common, "--out", str(tmp_path / "plain")]) == 0
@@ -433,7 +424,7 @@ def test_model_val_drops_a_person_with_bad_values_or_refuses_it_with_strict_anno
     data[0]["keypoint_annotations"][person][2] = 5
     bad = tmp_path / "val_bad.json"
     bad.write_text(json.dumps(data))
-    tool = _tool("model_val")
+    tool = load_tool("model_val")
     args = ["--ckpt", run, "--json", str(bad), "--images", paths.val_images, "--out", str(tmp_path / "p.json")]
     with caplog.at_level(logging.WARNING):
         assert tool.main(args) == 0

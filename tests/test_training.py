@@ -122,8 +122,8 @@ def test_consecutive_bad_steps_exit_with_code_3_and_the_newest_checkpoint_is_fin
     args = main.build_parser("test").parse_args(
         ["--run-dir", str(run_dir), "--synthetic-dir", synth_dir, "--synthetic-train-images", "8",
          "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
-         "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
-         "--tau", "2", "--epochs", "3", "--steps-per-epoch", "4", "--steps-per-call", "3",
+         "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
+         "--sigma", "1.5", "--tau", "2", "--epochs", "3", "--steps-per-epoch", "4", "--steps-per-call", "3",
          "--checkpoint-every-steps", "2", "--max-bad-steps", "2"])
     assert main.run_cli(args) == 3
     assert "2 consecutive non-finite steps, 5 to 6" in capsys.readouterr().err
@@ -139,8 +139,8 @@ def test_consecutive_bad_steps_exit_with_code_3_and_the_newest_checkpoint_is_fin
 def _cli(synth_dir, run_dir, *extra):
     return ["--run-dir", str(run_dir), "--synthetic-dir", synth_dir, "--synthetic-train-images", "8",
             "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
-            "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5",
-            "--tau", "2", "--epochs", "1", "--steps-per-epoch", "2", *extra]
+            "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
+            "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "2", *extra]
 
 
 def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_dir):

@@ -1,6 +1,5 @@
 """State_dict <-> Keras mapping, the checkpoint converter and the trunk weight file."""
 
-import importlib.util
 import os
 import tempfile
 
@@ -14,8 +13,8 @@ from nets.spm_model import build_spm_model, get_backbone, load_backbone_weights
 from nets.weights import (convert_checkpoint, keras_to_state_dict, load_layer_weights,
                           load_state_dict, normalize_state_dict, read_state_dict,
                           save_layer_weights)
+from training_helpers import load_tool
 
-ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64
 
 
@@ -164,10 +163,7 @@ def test_imagenet_checkpoint_feeds_single_and_multi_scale_trunks(tmp_path, spec,
     assert not any(k.startswith(f"stage4.{last}.fuse_layers.0.") for k in ignored)
     # the same through the command line (--source imagenet --multi-scale): the written file
     # fills a multi-scale trunk with the checkpoint's values
-    spec_ = importlib.util.spec_from_file_location(
-        "convert_hrnet_weights", os.path.join(ROOT_DIR, "tools", "convert_hrnet_weights.py"))
-    tool = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(tool)
+    tool = load_tool("convert_hrnet_weights")
     out_cli = str(tmp_path / "cli.weights.h5")
     assert tool.main(["--input", path, "--output", out_cli, "--arch", "hrnet_tiny", "--source", "imagenet",
                       "--multi-scale"]) == 0
@@ -196,10 +192,7 @@ def test_unreadable_inputs_name_the_file(tmp_path):
 
 
 def test_converter_tool_exits_with_one_clear_line(tmp_path, capsys, official_npz):
-    spec_ = importlib.util.spec_from_file_location(
-        "convert_hrnet_weights", os.path.join(ROOT_DIR, "tools", "convert_hrnet_weights.py"))
-    tool = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(tool)
+    tool = load_tool("convert_hrnet_weights")
     code = tool.main(["--input", official_npz[0], "--output", str(tmp_path / "w32.weights.h5"),
                       "--arch", "hrnet_w32"])
     err = capsys.readouterr().err.strip().splitlines()

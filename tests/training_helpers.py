@@ -30,10 +30,21 @@ def subprocess_env(**extra):
     return env
 
 
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``, to call its ``main(argv)`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(run_dir: str = "", **overrides):
-    """hrnet_tiny at 64x64, batch 2 per replica, the step schedule without warm-up, the paper's
-    two heads (``joint_heatmaps=True`` for the preset's third: tests/test_heatmaps.py and the
-    replica test) and the plain score (no flip testing); everything else from the tiny preset."""
+    """hrnet_tiny (width 8, one high-resolution module per stage: a shorter trace) at 64x64, batch
+    2 per replica, the step schedule without warm-up, the paper's two heads (``joint_heatmaps=True``
+    for the preset's third: tests/test_heatmaps.py and the replica test) and the plain score (no
+    flip testing); everything else from the tiny preset."""
     base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8, tiny_modules=(1, 1, 1),
                 tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0,
                 epochs=1, steps_per_epoch=2, lr=1e-3, lr_decay_epochs=(), log_every_steps=1,
@@ -227,29 +238,23 @@ def run_mode(mode: str, out: str, *extra: str):
                     layer.trainable = False
             return trainer
 
-        reference = None
+        common = dict(optimizer="sgd", lr=1e-2, steps_per_call=1, joint_heatmaps=True)   # the default run's heads
+        cfg1 = synthetic_config(os.path.join(out, "one"), extra[0], batch_size=8, **common)
+        pipe = FixedPipeline(*fixed_batch(cfg1, 8))
+        one = frozen(Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe))
+        randomise_output_kernels(one.model)
+        initial, before = one.model.get_weights(), _trainable(one)
+        run_one = one.run_steps(iter(one.dist_dataset), 1)
+        after_one = _trainable(one)
         for precision in ("", "float16"):
-            common = dict(optimizer="sgd", lr=1e-2, steps_per_call=1, joint_heatmaps=True)   # the default run's heads
             cfg2 = synthetic_config(os.path.join(out, f"two{precision}"), extra[0], batch_size=4,
                                     mixed_precision=precision, **common)
-            pipe = FixedPipeline(*fixed_batch(cfg2.replace(batch_size=8), 8))
             two = frozen(Trainer(cfg2, two_cpus, pipeline=pipe))
-            if reference is None:
-                randomise_output_kernels(two.model)
-                initial = two.model.get_weights()
-                cfg1 = synthetic_config(os.path.join(out, "one"), extra[0], batch_size=8, **common)
-                one = frozen(Trainer(cfg1, one_cpu, evaluate_fn=no_eval, pipeline=pipe))
-                one.model.set_weights(initial)
-                before = _trainable(one)
-                run_one = one.run_steps(iter(one.dist_dataset), 1)
-                reference = (before, _trainable(one), run_one)
             two.model.set_weights(initial)
             if precision:
                 # a scale at which the step does not overflow
                 two.optimizer.dynamic_scale.assign(256.0)
-            before, after_one, run_one = reference
-            it_two = iter(two.dist_dataset)
-            run_two = two.run_steps(it_two, 1)
+            run_two = two.run_steps(iter(two.dist_dataset), 1)
             tag = precision or "float32"
             results.update({f"{tag}_loss_two": run_two["total"], f"{tag}_loss_one": run_one["total"],
                             f"{tag}_skipped_two": len(run_two["skipped"]), f"{tag}_skipped_one": len(run_one["skipped"]),
@@ -294,8 +299,9 @@ def run_mode(mode: str, out: str, *extra: str):
             if precision:
                 # Replica 1's gradient is infinite at step 2: the update is skipped on both
                 # replicas and the loss scale falls; step 3 trains.
-                per_replica = lambda: [[np.array(t) for t in clipped.strategy.experimental_local_results(v)]  # noqa: E731
-                                       for v in clipped.model.trainable_variables]
+                per_replica = lambda: [  # noqa: E731
+                    [np.array(t) for t in clipped.strategy.experimental_local_results(v)]
+                    for v in clipped.model.trainable_variables]
                 replicas_before, iterations = per_replica(), int(clipped.optimizer.iterations.numpy())
                 scale_before = float(clipped.optimizer.dynamic_scale.numpy())
                 first = clipped.run_steps(it_clipped, 1)
@@ -304,7 +310,8 @@ def run_mode(mode: str, out: str, *extra: str):
                 results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
                                overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
                                overflow_iterations=int(clipped.optimizer.iterations.numpy()) - iterations,
-                               overflow_unchanged=all(np.array_equal(b, a) for bs, as_ in zip(replicas_before, replicas_after)
+                               overflow_unchanged=all(np.array_equal(b, a)
+                                                      for bs, as_ in zip(replicas_before, replicas_after)
                                                       for b, a in zip(bs, as_)),
                                overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(clipped)),
                                overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in

@@ -15,7 +15,7 @@ import json
 import os
 import random
 import socket
-from typing import Dict, List, MutableMapping, Optional
+from typing import Dict, List, MutableMapping, Optional, Tuple
 
 
 def parse_gpu_ids(spec: str) -> List[int]:
@@ -70,32 +70,31 @@ def tf_config_task(environ: Optional[MutableMapping[str, str]] = None) -> Option
     return conf
 
 
-def _ephemeral_range() -> tuple:
-    """The kernel's range for port-0 binds and outgoing connections (Linux; a common default
-    elsewhere)."""
+def launcher_port_range() -> Tuple[int, int]:
+    """``[first, stop)``: where :func:`free_local_ports` draws, just below the kernel's range for
+    port-0 binds and outgoing connections (Linux's ``ip_local_port_range``; its default elsewhere)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(v) for v in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+            stop = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        stop = 32768
+    return (10000 if stop > 12000 else 1024), stop
 
 
 def free_local_ports(count: int, seed: Optional[int] = None) -> List[int]:
-    """``count`` distinct TCP ports free on localhost now, drawn at random *below* the kernel's
-    ephemeral range and checked by binding them (then released for the workers to bind).
+    """``count`` distinct TCP ports free on localhost now, drawn at random from
+    :func:`launcher_port_range` and checked by binding them (then released for the workers to bind).
 
     A port the kernel handed out for a port-0 bind could be handed to another process (a
     concurrent job or test, any outgoing connection) in the seconds before the workers bind it;
     the kernel never hands out ports outside its ephemeral range, so only another caller of this
     function could collide, with a chance of about ``count**2 / 20000``.
     """
-    low, _ = _ephemeral_range()
-    first = 10000 if low > 12000 else 1024
+    first, stop = launcher_port_range()
     rng = random.Random(seed)
     ports: List[int] = []
     for _ in range(200 * count):
-        port = rng.randrange(first, low)
+        port = rng.randrange(first, stop)
         if port in ports:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -106,7 +105,7 @@ def free_local_ports(count: int, seed: Optional[int] = None) -> List[int]:
         ports.append(port)
         if len(ports) == count:
             return ports
-    raise RuntimeError(f"no {count} free TCP ports between {first} and {low} on localhost")
+    raise RuntimeError(f"no {count} free TCP ports between {first} and {stop} on localhost")
 
 
 def process_per_gpu_environments(gpu_spec: str, cpu: bool = False,
@@ -181,3 +180,13 @@ def make_strategy(cpu_replicas: int = 0, environ: Optional[MutableMapping[str, s
     if not gpus:
         return tf.distribute.MirroredStrategy(devices=["/cpu:0"])
     return tf.distribute.MirroredStrategy()
+
+
+def strategy_name(strategy) -> str:
+    """The strategy's public name for the log (TensorFlow's class behind
+    MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)."""
+    import tensorflow as tf  # only called once make_strategy has loaded it
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__

@@ -187,8 +187,8 @@ def run_benchmark(name: str, argv: List[str]) -> Dict[str, Any]:
     steps, per_call, infer_batch, repeats = args.steps, args.steps_per_call, args.infer_batch, 5
     if args.smoke:
         scratch = tempfile.mkdtemp(prefix="spm_gpu_smoke_")
-        cfg = cfg.replace(backbone="hrnet_tiny", tiny_width=8, tiny_modules=(1, 1, 1), tiny_stem_channels=16, head_channels=16,
-                          head_blocks=1, input_height=64, input_width=64, sigma=1.5, tau=2.0,
+        cfg = cfg.replace(backbone="hrnet_tiny", tiny_width=8, tiny_modules=(1, 1, 1), tiny_stem_channels=16,
+                          head_channels=16, head_blocks=1, input_height=64, input_width=64, sigma=1.5, tau=2.0,
                           synthetic_dir=os.path.join(scratch, "synth"), synthetic_train_images=8,
                           synthetic_val_images=2)
         batches, steps, per_call, infer_batch, repeats = [2], 2, 1, 2, 1
