@@ -729,7 +729,7 @@ def make_decoder(skeleton: Skeleton, spr_cfg, map_hw: Optional[Sequence[int]] = 
     def spr_decode(root, disp, heatmaps=None):
         return decode(root, disp, skeleton, spr_cfg, heatmaps)
 
-    return tf.function(spr_decode, input_signature=spec, jit_compile=jit_compile)
+    return tf.function(spr_decode, input_signature=spec, jit_compile=jit_compile, autograph=False)
 
 
 def flip_maps(root, disp, skeleton: Skeleton):

@@ -30,16 +30,16 @@ def test_per_epoch_evaluation_uses_a_fixed_seeded_subset(tmp_path):
 
     cfg = synthetic_config("", str(tmp_path), max_val_images=2)
     ensure_synthetic_dataset(cfg)
-    first, again = Evaluator(cfg, subset=True), Evaluator(cfg, subset=True)
-    everything = Evaluator(cfg)
-    ids = [r.image_id for r in first.records]
-    all_ids = [r.image_id for r in everything.records]
-    assert len(all_ids) == 4 and ids == [r.image_id for r in again.records]
+    first, again = Evaluator(cfg), Evaluator(cfg)
+    ids = [r.image_id for r in first.subset_records]
+    all_ids = [r.image_id for r in first.records]
+    assert len(all_ids) == 4 and ids == [r.image_id for r in again.subset_records]
     # seed 0 draws records 2 and 3 of the file, seed 3 records 0 and 2 (numpy's Generator
     # choice), each in file order
     assert ids == [all_ids[2], all_ids[3]]
-    other = Evaluator(cfg.replace(seed=3), subset=True)
-    assert [r.image_id for r in other.records] == [all_ids[0], all_ids[2]]
+    other = Evaluator(cfg.replace(seed=3))
+    assert [r.image_id for r in other.subset_records] == [all_ids[0], all_ids[2]]
+    assert [r.image_id for r in Evaluator(cfg.replace(max_val_images=4)).subset_records] == all_ids  # not larger
     # the 512 presets evaluate a subset every 5 epochs; COCO keeps low-confidence people for AP
     aic, coco = get_preset("ai_challenger_w32_512"), get_preset("coco_w32_512")
     assert (aic.train.eval_every_epochs, aic.data.max_val_images) == (5, 3000)

@@ -5,14 +5,12 @@ annotation's size refers to."""
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from training_helpers import random_head_run, subprocess_env
+from training_helpers import random_head_run, run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,9 +92,8 @@ def test_a_portrait_photo_gives_the_same_poses_in_the_tool_and_the_saved_model(t
     blob = jpeg_with_orientation(np.random.default_rng(3).integers(0, 255, (60, 100, 3), dtype=np.uint8), 6)
     (photos / "portrait.jpg").write_bytes(blob)
     out_json = tmp_path / "poses.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "spm_model_test.py"), "--ckpt", run,
-                        "--imgs", str(photos), "--output", str(tmp_path / "drawn"), "--json", str(out_json),
-                        "--score", "0"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    r = run_tool("spm_model_test", "--ckpt", run, "--imgs", photos, "--output", tmp_path / "drawn",
+                 "--json", out_json, "--score", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     people = json.load(open(out_json))[0]["keypoint_annotations"]
     tool = np.array(list(people.values())).reshape(len(people), -1, 3)[..., :2]

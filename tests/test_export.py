@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from training_helpers import random_head_run
+from training_helpers import random_head_run, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,8 @@ FLIP_SCALES = dict(flip=True, scales=(1.0, 1.5))
 def exported(run_dir, tmp_path_factory):
     """``tools/export.py --flip --scales 1,1.5 --onnx`` of the run, once for the tests below:
     the SavedModel (both signatures carry flip and both scales), spm.tflite and spm.onnx."""
-    import subprocess
-    import sys
-
-    from training_helpers import subprocess_env
-
     out = tmp_path_factory.mktemp("exported")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "tools", "export.py"), "--ckpt", run_dir, "--out", str(out),
-                        "--flip", "--scales", "1,1.5", "--onnx"], capture_output=True, text=True,
-                       env=subprocess_env(), timeout=600)
+    r = run_tool("export", "--ckpt", run_dir, "--out", out, "--flip", "--scales", "1,1.5", "--onnx")
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 

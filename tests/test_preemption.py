@@ -23,7 +23,7 @@ def _main_command(run_dir, synth, *extra):
     return [sys.executable, os.path.join(ROOT, "main.py"), "--run-dir", str(run_dir),
             "--synthetic-dir", str(synth), "--synthetic-train-images", "24", "--synthetic-val-images", "4",
             "--input-height", "64", "--input-width", "64", "--batch-size", "2", "--tiny-width", "8",
-            "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5", "--tau", "2",
+            "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16", "--sigma", "1.5", "--tau", "2",
             "--epochs", "2", "--steps-per-epoch", "40", "--deterministic", "--steps-per-call", "2",
             "--log-every-steps", "1", *extra]
 

@@ -63,14 +63,14 @@ def test_float16_overflow_on_one_replica_skips_the_update_everywhere(replicas_ru
     assert bool(r["overflow_moved"]) and bool(r["overflow_finite_after"])
 
 
-@pytest.mark.parametrize("precision, rtol", [("float32", 1e-4), ("float16", 1e-3)])
-def test_gradient_clipping_limits_the_all_reduced_gradient_on_two_replicas(replicas_run, precision, rtol):
-    """--grad-clip-norm 1e-2 on 2 replicas with distinct data (float32; float16 with loss scale
-    256): SGD's first step (lr 1) moves the weights by lr x 1e-2 in global norm. A clip per
-    replica gives up to twice that, a clip of the scaled float16 gradient a 256th."""
+def test_gradient_clipping_limits_the_all_reduced_gradient_on_two_replicas(replicas_run):
+    """--grad-clip-norm 1e-2 on 2 replicas with distinct data, float16 with loss scale 256:
+    SGD's first step (lr 1) moves the weights by lr x 1e-2 in global norm. A clip per replica
+    gives up to twice that, a clip of the scaled gradient a 256th. (float32 runs the same clip
+    without the scale: the XLA test of test_training.py compares it with the plain step.)"""
     r = replicas_run
-    assert int(r[f"clip_{precision}_skipped"]) == 0
-    assert float(r[f"clip_{precision}_moved"]) == pytest.approx(1e-2, rel=rtol)
+    assert int(r["clip_float16_skipped"]) == 0
+    assert float(r["clip_float16_moved"]) == pytest.approx(1e-2, rel=1e-3)
 
 
 def test_default_evaluator_under_two_replicas_equals_one_device(replicas_run):

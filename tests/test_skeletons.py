@@ -5,15 +5,13 @@ a made-up 5-joint skeleton through training, scoring and export from the run dir
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from training_helpers import subprocess_env
+from training_helpers import run_tool
 
 PHOTOS = os.path.join(ROOT, "tests", "data", "real_photos")
 COCO_EDGES = [[16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8], [7, 9],
@@ -191,9 +189,7 @@ def test_a_made_up_five_joint_skeleton_trains_scores_and_exports_from_the_run_di
                                 r.keypoints[:, 0, :2].astype(np.float64)) for r in records]
     assert evaluation.score_predictions_for(cfg, str(val), truth)["AP"] == pytest.approx(1.0)
     out = tmp_path / "pred.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_val.py"), "--ckpt", str(run), "--json", str(val),
-                        "--images", paths.val_images, "--out", str(out)], capture_output=True, text=True,
-                       env=subprocess_env(), timeout=300)
+    r = run_tool("model_val", "--ckpt", run, "--json", val, "--images", paths.val_images, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.load(open(out))
     assert results and all(len(p["keypoints"]) == 15 for p in results)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from training_helpers import FixedPipeline, fixed_batch, no_eval, subprocess_env as _env, tiny_config
+from training_helpers import FixedPipeline, fixed_batch, no_eval, run_tool, subprocess_env as _env, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.join(ROOT, "tests", "training_helpers.py")
@@ -241,14 +241,11 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
     from dataset.synthetic import ensure_synthetic_dataset
 
     paths = ensure_synthetic_dataset(cfg)
-    val = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "model_val.py"), "--ckpt", cfg.train.run_dir,
-                          "--json", paths.val_json, "--images", paths.val_images, "--out", str(tmp_path / "p.json")],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    val = run_tool("model_val", "--ckpt", cfg.train.run_dir, "--json", paths.val_json, "--images", paths.val_images,
+                   "--out", tmp_path / "p.json")
     assert val.returncode == 0, val.stderr[-3000:]
     assert json.loads(val.stdout.strip().splitlines()[-1])["predicted_images"] == 4
-    export = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"), "--ckpt", cfg.train.run_dir,
-                             "--out", str(tmp_path / "exported"), "--no-tflite"],
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    export = run_tool("export", "--ckpt", cfg.train.run_dir, "--out", tmp_path / "exported", "--no-tflite")
     assert export.returncode == 0, export.stderr[-3000:]
     # the SavedModel holds the run's trained weights (its stem kernel among its variables)
     import tensorflow as tf
@@ -263,7 +260,8 @@ def test_a_run_loads_without_its_backbone_weights_file(tmp_path, synth_dir):
 
 def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
     """--xla compiles the replica step (all-reduces, finite flag, clipping) and gives the plain
-    step's update; a non-finite gradient under --xla is skipped like the plain step's."""
+    step's update, both clipped (the move's norm is lr x the limit); a non-finite gradient under
+    --xla is skipped like the plain step's."""
     from training_helpers import nan_at, randomise_output_kernels
     from utils.training import Trainer
 
@@ -279,7 +277,11 @@ def test_xla_step_with_clipping_matches_the_plain_step(tmp_path):
             weights = trainer.model.get_weights()
         trainer.model.set_weights(weights)
         it = iter(trainer.dist_dataset)
+        trainable = [v.numpy() for v in trainer.model.trainable_variables]
         trainer.run_steps(it, 1)
+        # the clip is active: SGD's step moves the trainable weights by lr x the limit
+        assert np.sqrt(sum(np.sum((v.numpy().astype(np.float64) - b) ** 2) for v, b in
+                           zip(trainer.model.trainable_variables, trainable))) == pytest.approx(1e-2, rel=1e-3)
         moves[xla] = [a - b for a, b in zip(trainer.model.get_weights(), weights)]
         moved = trainer.model.get_weights()
         assert trainer.run_steps(it, 1)["skipped"] == [2]

@@ -167,7 +167,16 @@ def main(argv=None) -> int:
             drawn, prediction, ms = process(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             n = len(prediction.poses)
             latencies.append(ms)
+            # MPEG-4 frames have even sides (mp4v would drop an odd last row or column): the
+            # frame grows by a copy of its last row / column, the picture keeps every pixel
+            pad = (drawn.shape[0] % 2, drawn.shape[1] % 2)
+            if any(pad):
+                drawn = cv2.copyMakeBorder(drawn, 0, pad[0], 0, pad[1], cv2.BORDER_REPLICATE)
             if writer is None:
+                if any(pad):
+                    print(f"{args.video}: {bgr.shape[1]}x{bgr.shape[0]} frames written as "
+                          f"{drawn.shape[1]}x{drawn.shape[0]} (MPEG-4 needs even sides; the last "
+                          f"{'row' if pad[0] else 'column'}{' and column' if all(pad) else ''} repeated)")
                 writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps,
                                          (drawn.shape[1], drawn.shape[0]))
             writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))

@@ -132,53 +132,48 @@ class Evaluator:
     """Scores a model on the configured validation split with the dataset's official metric.
 
     Records, paths and the compiled predictor are made once and reused at every evaluation
-    (the training loop evaluates at every epoch end). With ``subset``, a fixed random subset of
-    ``cfg.data.max_val_images`` images (drawn with ``cfg.data.seed``, the same at every epoch and
-    on every resume) is scored instead of the whole split. With a summary ``writer``, pictures of
-    the predictions on the first images are logged too.
+    (the training loop evaluates at every epoch end, then draws ``predictions.png`` with the
+    same predictor). ``subset_records``: a fixed random subset of ``cfg.data.max_val_images``
+    images (drawn with ``cfg.data.seed``, the same at every epoch and on every resume; all of
+    them when the split is not larger), scored by a call with ``subset=True``. With a summary
+    ``writer``, pictures of the predictions on the first images are logged too.
     """
 
-    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, subset: bool = False,
-                 records: Optional[Sequence] = None, max_skipped_fraction: Optional[float] = None,
-                 shares: Optional["Evaluator"] = None):
-        if shares is not None and shares.flip != flip:
-            raise ValueError("an Evaluator can share the predictor only of one with the same flip setting")
+    def __init__(self, cfg: Config, flip: bool = False, num_pictures: int = 4, records: Optional[Sequence] = None,
+                 max_skipped_fraction: Optional[float] = None):
         self.cfg, self.flip, self.num_pictures = cfg, flip, num_pictures
         self.max_skipped_fraction = max_skipped_fraction
-        self._shares = shares
         self.records = list(records) if records is not None else load_records(cfg, "val")[0]
+        self.subset_records = self.records
         size = cfg.data.max_val_images
-        if subset and 0 < size < len(self.records):
+        if 0 < size < len(self.records):
             keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(self.records), size, replace=False))
-            self.records = [self.records[i] for i in keep]
+            self.subset_records = [self.records[i] for i in keep]
         self.ann_json, self.image_dir = split_paths(cfg, "val")
         self._predictor: Optional[Predictor] = None
 
     def predictor(self, model) -> Predictor:
-        """The compiled predictor of ``model``, made once (with ``shares``: the other
-        evaluator's, so that the per-epoch subset, the full split and the final picture trace
-        the network once)."""
-        owner = self._shares or self
-        if owner._predictor is None or owner._predictor.model is not model:
-            owner._predictor = Predictor(model, self.cfg, flip=self.flip)
-        return owner._predictor
+        """The compiled predictor of ``model``, made once."""
+        if self._predictor is None or self._predictor.model is not model:
+            self._predictor = Predictor(model, self.cfg, flip=self.flip)
+        return self._predictor
 
     def check_readable(self) -> None:
         """ValueError naming the image folder when none of the first validation pictures decodes
         (a wrong ``--val-images``), before any training step."""
         InputPipeline(self.cfg, "val", self.records).check_readable()
 
-    def __call__(self, model, writer=None, step: int = 0) -> Dict[str, Any]:
+    def __call__(self, model, writer=None, step: int = 0, subset: bool = False) -> Dict[str, Any]:
         start = time.time()
-        predictions, pipeline = predict_records(self.predictor(model), self.records, self.cfg.data.batch_size)
-        result = score_predictions_for(self.cfg, self.ann_json, predictions,
-                                       [r.image_id for r in self.records])
+        records = self.subset_records if subset else self.records
+        predictions, pipeline = predict_records(self.predictor(model), records, self.cfg.data.batch_size)
+        result = score_predictions_for(self.cfg, self.ann_json, predictions, [r.image_id for r in records])
         result["predicted_people"] = int(sum(len(p.poses) for p in predictions))
         result["eval_seconds"] = round(time.time() - start, 2)
         result["skipped_images"] = pipeline.skipped.count
         limit = self.max_skipped_fraction
-        if limit is not None and pipeline.skipped.count > limit * max(1, len(self.records)):
-            raise ValueError(f"the evaluation could not use {pipeline.skipped.count} of {len(self.records)} "
+        if limit is not None and pipeline.skipped.count > limit * max(1, len(records)):
+            raise ValueError(f"the evaluation could not use {pipeline.skipped.count} of {len(records)} "
                              f"validation images (more than {limit:.0%}; {pipeline.skipped.summary()}): "
                              f"is the image folder {self.image_dir} right?")
         if writer is not None and self.num_pictures:

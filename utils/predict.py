@@ -235,7 +235,7 @@ class Predictor:
         self.maps = tf.function(
             lambda images, letterbox, scaled: network_maps(model, images, cfg.skeleton, flip, self.scales,
                                                            letterbox, scaled),
-            reduce_retracing=True)
+            reduce_retracing=True, autograph=False)
         # The decoder alone is compiled with XLA (about 2.5x faster on CPU, nets/spr.py); the
         # network is left to the regular graph. Each new map size traces once.
         self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True,

@@ -277,7 +277,7 @@ class Trainer:
         self.run_dir = run_dir or cfg.train.run_dir or os.path.join("runs", cfg.preset)
         self.evaluate_fn = evaluate_fn
         self.gradient_hook = gradient_hook
-        self._evaluators: Dict[bool, Evaluator] = {}      # per epoch (subset) and final (all)
+        self._evaluator: Optional[Evaluator] = None     # the default one (no evaluate_fn), on the chief
         self._run_ckpt_dir = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
         latest = tf.train.latest_checkpoint(self._run_ckpt_dir)
         self.config_changes = self._check_run_dir_config() if latest else []
@@ -382,12 +382,9 @@ class Trainer:
             if check is not None:
                 check()
             if self.is_chief and self.evaluate_fn is None:
-                flip = self.cfg.train.eval_flip
-                full = Evaluator(self.cfg, flip=flip, max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION)
-                full.check_readable()
-                self._evaluators = {True: full, False: Evaluator(
-                    self.cfg, flip=flip, subset=True, records=full.records,
-                    max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION, shares=full)}
+                self._evaluator = Evaluator(self.cfg, flip=self.cfg.train.eval_flip,
+                                            max_skipped_fraction=MAX_SKIPPED_EVAL_FRACTION)
+                self._evaluator.check_readable()
         except (ValueError, FileNotFoundError) as e:
             error = str(e)
         self._raise_on_every_worker(error, "checking the input")
@@ -529,15 +526,13 @@ class Trainer:
         step_fn = tf.function(replica_step, jit_compile=True) if cfg.train.xla else replica_step
         n = len(keys)
 
-        @tf.function
+        @tf.function(autograph=False)
         def train_call(iterator, num_steps, requests):
             """``num_steps`` steps: summed losses, the all-reduced requests of the last step, the
             steps whose update was skipped (-1 for the others) and the consecutive bad steps."""
-            sums = tf.zeros([n], tf.float32)
-            scalars = tf.zeros([n + 2], tf.float32)
-            bad_steps = tf.TensorArray(tf.int64, size=tf.cast(num_steps, tf.int32))
-            for i in tf.range(num_steps):
-                images, labels = next(iterator)
+
+            def one_step(i, sums, scalars, bad_steps):
+                images, labels = iterator.get_next()
                 step = self.step.assign_add(1)
                 scalars, finite, grads = strategy.run(step_fn, args=(images, labels, step, requests))
                 scalars = strategy.experimental_local_results(scalars)[0]
@@ -548,7 +543,12 @@ class Trainer:
                     tf.cond(finite, lambda: apply_branch(grads), lambda: tf.constant(False))
                 self._bad_run.assign(tf.where(finite, tf.constant(0, tf.int64), self._bad_run + 1))
                 bad_steps = bad_steps.write(tf.cast(i, tf.int32), tf.where(finite, tf.constant(-1, tf.int64), step))
-                sums += scalars[:n]
+                return i + 1, sums + scalars[:n], scalars, bad_steps
+
+            _, sums, scalars, bad_steps = tf.while_loop(
+                lambda i, *_: i < num_steps, one_step,
+                (tf.constant(0, tf.int64), tf.zeros([n], tf.float32), tf.zeros([n + 2], tf.float32),
+                 tf.TensorArray(tf.int64, size=tf.cast(num_steps, tf.int32))))
             out = {"sums": sums, "requests": scalars[n:], "bad_steps": bad_steps.stack(),
                    "bad_run": self._bad_run.read_value(), "step": self.step.read_value(),
                    "lr": tf.cast(opt.learning_rate, tf.float32)}
@@ -711,9 +711,9 @@ class Trainer:
         if not preempted and self.is_chief:
             save_weights_atomically(self.model, os.path.join(self.run_dir, FINAL_WEIGHTS))
             if self.evaluate_fn is None:
-                full = self._evaluators[True]            # its records and compiled predictor
+                evaluator = self._evaluator             # its records and compiled predictor
                 path = save_prediction_picture(self.model, self.cfg, os.path.join(self.run_dir, PICTURE),
-                                               records=full.records, predictor=full.predictor(self.model))
+                                               records=evaluator.records, predictor=evaluator.predictor(self.model))
                 log.info("predictions on validation images: %s", path)
         self.writer.flush()
         if not self.is_chief and not preempted:
@@ -759,7 +759,8 @@ class Trainer:
                 if self.evaluate_fn is not None:
                     result = self.evaluate_fn(self.model, self.cfg)
                 else:                          # built by _check_inputs on the chief
-                    result = self._evaluators[final](self.model, writer=self.writer, step=int(self.step.numpy()))
+                    result = self._evaluator(self.model, writer=self.writer, step=int(self.step.numpy()),
+                                             subset=not final)
             except (ValueError, FileNotFoundError) as e:
                 error = str(e)
         # The score and the error flag travel in an all-reduce that the other workers are already

@@ -122,7 +122,7 @@ def run_variant(name: str, cfg) -> Dict[str, Any]:
     curve = [{"step": h["step"], "score": round(h["score"], 4), "ap50": round(h.get("ap50", h.get("AP50", 0.0)), 3),
               "ap75": round(h.get("ap75", h.get("AP75", 0.0)), 3)} for h in history if "score" in h]
     last = curve[-1]
-    return {"variant": name, "steps": result["steps"], "seconds": round(seconds, 1),
+    return {"variant": name, "run_dir": cfg.train.run_dir, "steps": result["steps"], "seconds": round(seconds, 1),
             "score": last["score"], "ap50": last["ap50"], "ap75": last["ap75"], "curve": curve,
             "loss_root": round(history[-1]["loss_root"], 4), "loss_disp": round(history[-1]["loss_disp"], 4)}
 
