@@ -8,18 +8,19 @@ import pytest
 from test_tools import _run
 
 
-def test_gpu_benchmark_smoke_runs_every_configuration_and_reports_each(tmp_path):
-    """``benchmark.py gpu --smoke``: the whole matrix users run on a GPU (three precisions, with
-    and without XLA, real and in-memory input), the pipeline alone and inference (network and
-    decoder, the exported SavedModel), at tiny sizes on this CPU; one row per configuration,
-    none failed, the table and the JSON line."""
-    r = _run("benchmark.py", "gpu", "--smoke", timeout=900)
+def test_gpu_benchmark_smoke_runs_the_mixed_precision_configurations_and_reports_each(tmp_path):
+    """``benchmark.py gpu --smoke --precisions bfloat16,float16``: the two mixed precisions users
+    run on a GPU, with and without XLA, real and in-memory input, the pipeline alone and
+    inference (network and decoder, the exported SavedModel), at tiny sizes on this CPU; one row
+    per configuration, none failed, the table and the JSON line. (float32 with and without XLA
+    is the training step of test_training.py's XLA test; the matrix and a failed row: below.)"""
+    r = _run("benchmark.py", "gpu", "--smoke", "--precisions", "bfloat16,float16", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["device"] == "CPU" and result["smoke"] is True
     rows = result["train"]
-    assert {(row["precision"], row["xla"]) for row in rows} == {
-        (p, x) for p in ("float32", "bfloat16", "float16") for x in (False, True)}
+    assert [(row["precision"], row["xla"]) for row in rows] == [
+        ("bfloat16", False), ("bfloat16", True), ("float16", False), ("float16", True)]
     for row in rows:
         assert "failed" not in row, row
         assert row["pipeline_images_per_s"] > 0 and row["in_memory_images_per_s"] > 0
@@ -31,3 +32,46 @@ def test_gpu_benchmark_smoke_runs_every_configuration_and_reports_each(tmp_path)
         assert inference[key] > 0, key
     assert inference["conv_gmacs_per_image"] > 0
     assert "| 2 | float16 | True |" in r.stdout and "GFLOP per trained image" in r.stdout
+
+
+def test_gpu_benchmark_runs_the_whole_matrix_and_reports_a_failed_configuration(monkeypatch, capsys):
+    """The default matrix (every per-GPU batch x three precisions x XLA off and on), in order; a
+    configuration that fails (here: out of GPU memory when the trainer is built, after it set
+    its precision) is one row naming the error, the float32 policy is restored, and the others
+    still run."""
+    import keras
+    import tensorflow as tf
+
+    from tools.benchmarks import gpu
+
+    real_row, real_trainer = gpu._train_row, gpu.Trainer
+    asked = []
+
+    def out_of_memory(cfg, **kwargs):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape [32,64,256,256]")
+
+    def row(cfg, batch, precision, xla, steps, per_call):
+        asked.append((batch, precision, xla))
+        if (batch, precision, xla) == (32, "float16", True):
+            gpu.Trainer = out_of_memory
+            try:
+                return real_row(cfg, batch, precision, xla, steps, per_call)
+            finally:
+                gpu.Trainer = real_trainer
+        return {"batch": batch, "precision": precision, "xla": xla, "pipeline_images_per_s": 2.0,
+                "in_memory_images_per_s": 4.0, "input_share": 0.5, "peak_gpu_mb": None}
+
+    monkeypatch.setattr(gpu, "_train_row", row)
+    monkeypatch.setattr(gpu, "InputPipeline", lambda cfg, split: None)
+    monkeypatch.setattr(gpu, "_pipeline_rate", lambda cfg, batches: 1.0)
+    monkeypatch.setattr(gpu, "_inference", lambda cfg, batches, repeats: {"conv_gmacs_per_image": 43.0})
+    result = gpu.run_benchmark("gpu", [])
+    assert asked == [(b, p, x) for b in (16, 32) for p in ("float32", "bfloat16", "float16") for x in (False, True)]
+    failed = [r for r in result["train"] if "failed" in r]
+    assert len(failed) == 1 and (failed[0]["batch"], failed[0]["precision"], failed[0]["xla"]) == (32, "float16", True)
+    assert failed[0]["failed"] == "ResourceExhaustedError: OOM when allocating tensor with shape [32,64,256,256]"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    out = capsys.readouterr().out
+    assert "| 32 | float16 | True | failed: ResourceExhaustedError" in out
+    assert "| 32 | float16 | False | 2.0 | 4.0 | 50% | None |" in out
