@@ -140,19 +140,21 @@ def _oracle_model(targets):
     return model
 
 
-@pytest.mark.parametrize("fmt", ["ai_challenger", "coco"])
+@pytest.mark.parametrize("fmt", ["ai_challenger", "coco", "crowdpose"])
 def test_ground_truth_as_the_network_maps_scores_about_one_through_predict_records(tmp_path, fmt):
     """The real records' SPR targets fed as the network's maps through predict_records (the
     evaluation pipeline's letterbox, batching, unbatching, mapping back and result records) and
     scored with the data set's official metric: about 1.0 (the oracle round trip), for AI
     Challenger's example file (24 images: 0.9974 at 256x256, where two people's same joints
-    share reading cells) and the real COCO photographs (1.0)."""
+    share reading cells), the real COCO photographs (1.0) and CrowdPose's own file read with the
+    skeleton its category names (--dataset coco without --skeleton: CrowdPose's joint order,
+    tree and OKS sigmas in COCOeval)."""
     import cv2
 
     from config import get_preset
     from conftest import AIC_ANNOTATIONS, ROOT
     from dataset.ai_challenger import ai_challenger_records
-    from dataset.coco import read_coco
+    from dataset.coco import read_coco, resolve_skeleton
     from dataset.letterbox import letterbox_params, to_network
     from nets.spr import encode
     from utils.evaluation import score_predictions_for
@@ -161,10 +163,13 @@ def test_ground_truth_as_the_network_maps_scores_about_one_through_predict_recor
     cfg = get_preset("tiny_synthetic").replace(score_threshold=0.5, max_people=20, joint_heatmaps=False)
     images = tmp_path / "images"
     images.mkdir()
-    if fmt == "coco":
-        ann = os.path.join(ROOT, "tests", "data", "real_photos", "coco_person_keypoints.json")
-        cfg = cfg.replace(dataset="coco", skeleton="coco")
-        records, _ = read_coco(ann, str(images))
+    if fmt in ("coco", "crowdpose"):
+        photos = os.path.join(ROOT, "tests", "data", "real_photos")
+        ann = os.path.join(photos, f"{'coco_person' if fmt == 'coco' else 'crowdpose'}_keypoints.json")
+        cfg = resolve_skeleton(cfg.replace(dataset="coco", skeleton="coco" if fmt == "coco" else "auto",
+                                           train_json=ann, val_json=ann))
+        assert cfg.skeleton.name == fmt and cfg.skeleton.num_joints == (17 if fmt == "coco" else 14)
+        records, _ = read_coco(ann, str(images), skeleton=cfg.skeleton)
         sizes = [(r.height, r.width) for r in records]
     else:
         ann = str(tmp_path / "aic.json")
@@ -189,3 +194,17 @@ def test_ground_truth_as_the_network_maps_scores_about_one_through_predict_recor
     assert [p.record.image_id for p in predictions] == [r.image_id for r in records]
     score = score_predictions_for(cfg, ann, predictions)["score"]
     assert score > 0.99, score
+    if fmt == "crowdpose":
+        # the skeleton's OKS sigmas reach COCOeval: poses 8 px off score as COCOeval scores them
+        # with CrowdPose's sigmas, not as with COCO's first 14 (the face's small ones)
+        import dataclasses
+
+        from config.skeletons import COCO
+        from utils.evaluation import score_coco
+
+        shifted = [dataclasses.replace(p, poses=p.poses + 8.0) for p in predictions]
+        got = score_predictions_for(cfg, ann, shifted)["AP"]
+        assert got == pytest.approx(score_coco(ann, shifted, oks_sigmas=cfg.skeleton.oks_sigmas)["AP"], abs=1e-9)
+        coco_sigmas = score_coco(ann, shifted, oks_sigmas=COCO.oks_sigmas[:14])["AP"]
+        print(f"CrowdPose AP of poses 8 px off: {got:.4f} (with COCO's first 14 sigmas: {coco_sigmas:.4f})")
+        assert 0.0 < got < 0.99 and abs(got - coco_sigmas) > 1e-3

@@ -82,27 +82,40 @@ def test_non_finite_steps_are_skipped_counted_and_leave_everything_untouched(tmp
     assert all(np.isfinite(w).all() for w in trainer.model.get_weights())
 
 
+class _TurnsNaN(FixedPipeline):
+    """The fixed batch for ``good`` steps, then NaN pictures (as a corrupt shard would give)."""
+
+    good = 6
+
+    def dataset(self, batch_size=None, input_context=None, repeat=False, start_step=0, seed=None):
+        import tensorflow as tf
+
+        images = self.images.astype(np.float32)
+        return tf.data.Dataset.from_tensors((images, self.labels)).repeat(self.good).concatenate(
+            tf.data.Dataset.from_tensors((np.full_like(images, np.nan), self.labels)).repeat())
+
+
 def test_max_bad_steps_consecutive_non_finite_steps_stop_naming_them(tmp_path):
-    """Pictures that turn NaN after a good run: every step is skipped; the third in a row
-    (--max-bad-steps 3) stops the run naming steps 7 to 9; nothing is written from that state."""
+    """Pictures that turn NaN after two good epochs: every step is skipped; the third in a row
+    (--max-bad-steps 3) stops the run naming steps 7 to 9; the weights (BatchNorm's statistics
+    too, which saw the NaN pictures) are those of step 6 and nothing is written from that state."""
+    import tensorflow as tf
+
+    from nets.spm_model import build_spm_model
     from utils.training import NonFiniteLossError, Trainer
 
-    cfg = tiny_config(str(tmp_path), steps_per_epoch=3, epochs=2)
+    cfg = tiny_config(str(tmp_path), steps_per_epoch=3, epochs=3, max_bad_steps=3, steps_per_call=1)
     images, labels = fixed_batch(cfg, 2)
-    Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels)).fit()
-    saved = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
-    assert saved and saved[-1].endswith("ckpt-6.index")
-    bad_images = np.full(images.shape, np.nan, np.float32)
-    bad = Trainer(cfg.replace(epochs=3, max_bad_steps=3, steps_per_call=1), evaluate_fn=no_eval,
-                  pipeline=FixedPipeline(bad_images, labels))
-    assert bad.resumed_from is not None and int(bad.step.numpy()) == 6
-    weights = [w.copy() for w in bad.model.get_weights()]
+    bad = Trainer(cfg, evaluate_fn=no_eval, pipeline=_TurnsNaN(images, labels))
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps, 7 to 9"):
         bad.fit()
-    for a, b in zip(weights, bad.model.get_weights()):     # BatchNorm saw NaN pictures: restored
+    saved = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
+    assert [os.path.basename(f) for f in saved] == ["ckpt-3.index", "ckpt-6.index"]
+    at_six = build_spm_model(cfg)
+    tf.train.Checkpoint(model=at_six).restore(saved[-1][:-len(".index")]).expect_partial()
+    for a, b in zip(at_six.get_weights(), bad.model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    after = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
-    assert after == saved
+    assert int(bad.optimizer.iterations.numpy()) == 6 and not (tmp_path / "final.weights.h5").exists()
 
 
 def test_consecutive_bad_steps_exit_with_code_3_and_the_newest_checkpoint_is_finite(tmp_path, synth_dir,
@@ -143,23 +156,24 @@ def _cli(synth_dir, run_dir, *extra):
             "--sigma", "1.5", "--tau", "2", "--epochs", "1", "--steps-per-epoch", "2", *extra]
 
 
-def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_dir):
+def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_dir, capsys):
     """A run of 1 replica x batch 4 resumes on 2 logical CPU replicas x batch 2 (the same global
     batch: epoch, schedule and data position continue; a warning says what changes), and is
-    refused on 2 x 4 (another global batch) naming both, the checkpoints left as they were."""
+    refused with another global batch (1 x 8) naming both and the batch that fits, the
+    checkpoints left as they were."""
+    import main
+
     run_dir = tmp_path / "run"
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
-                            *_cli(synth_dir, run_dir, "--batch-size", "4", "--lr-schedule", "cosine")],
-                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    script = os.path.join(ROOT, "distribute_main.py")
-    wider = subprocess.run([sys.executable, script, "--cpu-replicas", "2",
-                            *_cli(synth_dir, run_dir, "--batch-size", "4", "--lr-schedule", "cosine", "--epochs", "2")],
-                           env=_env(), capture_output=True, text=True, timeout=300)
-    assert wider.returncode == 2, wider.stderr[-3000:]
-    assert "a global batch of 4 (1 replica(s) x batch 4)" in wider.stderr
-    assert "this run has 8 (2 replica(s) x batch 4)" in wider.stderr and "--batch-size 2" in wider.stderr
+    parse = main.build_parser("test").parse_args
+    assert main.run_cli(parse(_cli(synth_dir, run_dir, "--batch-size", "4", "--lr-schedule", "cosine"))) == 0
+    capsys.readouterr()
+    wider = parse(_cli(synth_dir, run_dir, "--batch-size", "8", "--lr-schedule", "cosine", "--epochs", "2"))
+    assert main.run_cli(wider) == 2
+    err = capsys.readouterr().err
+    assert "a global batch of 4 (1 replica(s) x batch 4)" in err
+    assert "this run has 8 (1 replica(s) x batch 8)" in err and "--batch-size 4" in err
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    script = os.path.join(ROOT, "distribute_main.py")
     split = subprocess.run([sys.executable, script, "--cpu-replicas", "2",
                             *_cli(synth_dir, run_dir, "--batch-size", "2", "--lr-schedule", "cosine", "--epochs", "2")],
                            env=_env(), capture_output=True, text=True, timeout=300)
