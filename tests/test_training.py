@@ -95,58 +95,43 @@ class _TurnsNaN(FixedPipeline):
             tf.data.Dataset.from_tensors((np.full_like(images, np.nan), self.labels)).repeat())
 
 
-def test_max_bad_steps_consecutive_non_finite_steps_stop_naming_them(tmp_path):
-    """Pictures that turn NaN after two good epochs: every step is skipped; the third in a row
-    (--max-bad-steps 3) stops the run naming steps 7 to 9; the weights (BatchNorm's statistics
-    too, which saw the NaN pictures) are those of step 6 and nothing is written from that state."""
-    import tensorflow as tf
-
-    from nets.spm_model import build_spm_model
-    from utils.training import NonFiniteLossError, Trainer
-
-    cfg = tiny_config(str(tmp_path), steps_per_epoch=3, epochs=3, max_bad_steps=3, steps_per_call=1)
-    images, labels = fixed_batch(cfg, 2)
-    bad = Trainer(cfg, evaluate_fn=no_eval, pipeline=_TurnsNaN(images, labels))
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps, 7 to 9"):
-        bad.fit()
-    saved = sorted(glob.glob(os.path.join(str(tmp_path), "checkpoints", "ckpt-*.index")))
-    assert [os.path.basename(f) for f in saved] == ["ckpt-3.index", "ckpt-6.index"]
-    at_six = build_spm_model(cfg)
-    tf.train.Checkpoint(model=at_six).restore(saved[-1][:-len(".index")]).expect_partial()
-    for a, b in zip(at_six.get_weights(), bad.model.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    assert int(bad.optimizer.iterations.numpy()) == 6 and not (tmp_path / "final.weights.h5").exists()
-
-
-def test_consecutive_bad_steps_exit_with_code_3_and_the_newest_checkpoint_is_finite(tmp_path, synth_dir,
-                                                                                    monkeypatch, capsys):
-    """Non-finite gradients at steps 5 and 6 with --max-bad-steps 2: main.py's runner exits with 3
-    naming them, and the newest checkpoint (step 4) loads and holds finite weights."""
+def test_consecutive_non_finite_steps_exit_with_code_3_naming_them(tmp_path, synth_dir, monkeypatch, capsys):
+    """Pictures that turn NaN after two good epochs, through main.py's runner: every step is
+    skipped; the third in a row (--max-bad-steps 3) stops the run with exit code 3 naming steps 7
+    to 9; the weights (BatchNorm's statistics too, which saw the NaN pictures) are those of step 6,
+    whose checkpoint loads with finite weights, and nothing is written from that state."""
     import main
+    import tensorflow as tf
     import utils.training
-    from training_helpers import nan_at
+    from utils.predict import load_trained_model
 
-    class InjectingTrainer(utils.training.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, gradient_hook=nan_at(5, 6), **kwargs)
+    trainers = []
 
-    monkeypatch.setattr(utils.training, "Trainer", InjectingTrainer)
+    class TurningNaN(utils.training.Trainer):
+        def __init__(self, cfg, *args, **kwargs):
+            images, labels = fixed_batch(cfg, cfg.data.batch_size)
+            super().__init__(cfg, *args, pipeline=_TurnsNaN(images, labels), **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(utils.training, "Trainer", TurningNaN)
     run_dir = tmp_path / "run"
     args = main.build_parser("test").parse_args(
         ["--run-dir", str(run_dir), "--synthetic-dir", synth_dir, "--synthetic-train-images", "8",
          "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
          "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
-         "--sigma", "1.5", "--tau", "2", "--epochs", "3", "--steps-per-epoch", "4", "--steps-per-call", "3",
-         "--checkpoint-every-steps", "2", "--max-bad-steps", "2"])
+         "--sigma", "1.5", "--tau", "2", "--epochs", "3", "--steps-per-epoch", "3", "--steps-per-call", "1",
+         "--max-bad-steps", "3"])
     assert main.run_cli(args) == 3
-    assert "2 consecutive non-finite steps, 5 to 6" in capsys.readouterr().err
-    import tensorflow as tf
-    from utils.predict import load_trained_model
-
-    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    assert latest.endswith("ckpt-4")
-    model, _ = load_trained_model(latest)
-    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert "3 consecutive non-finite steps, 7 to 9" in capsys.readouterr().err
+    saved = sorted(glob.glob(str(run_dir / "checkpoints" / "ckpt-*.index")))
+    assert [os.path.basename(f) for f in saved] == ["ckpt-3.index", "ckpt-6.index"]
+    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith("ckpt-6")
+    at_six, _ = load_trained_model(saved[-1][:-len(".index")])
+    assert all(np.isfinite(w).all() for w in at_six.get_weights())
+    trainer, = trainers
+    for a, b in zip(at_six.get_weights(), trainer.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(trainer.optimizer.iterations.numpy()) == 6 and not (run_dir / "final.weights.h5").exists()
 
 
 def _cli(synth_dir, run_dir, *extra):
