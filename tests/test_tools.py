@@ -20,7 +20,6 @@ def _run(tool, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
-
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory):
     """A tiny run directory (random output layers, so people are found) and a small AI
@@ -39,7 +38,7 @@ def test_model_val_writes_predictions_and_the_official_score(run_and_data, tmp_p
     run, paths = run_and_data
     out = tmp_path / "pred.json"
     r = run_tool("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
-             "--out", out)
+                 "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     preds = json.load(open(out))
@@ -61,7 +60,7 @@ def test_model_val_skips_an_unreadable_picture_and_the_scorer_counts_it_missed(r
     (folder / names[1]).write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "pred.json"
     r = run_tool("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", folder, "--out", out,
-             "--batch-size", "3")
+                 "--batch-size", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert names[1] in r.stderr and "corrupt image" in r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -114,7 +113,7 @@ def test_spm_model_test_draws_pictures_in_batches_and_skips_unreadable_images(ru
     (folder / "a_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out, out_json = tmp_path / "out", tmp_path / "poses.json"
     r = run_tool("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", out, "--batch-size", "3",
-             "--json", out_json)
+                 "--json", out_json)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "a_broken.jpg: corrupt image: OpenCV cannot decode it, skipped" in r.stderr
     written = sorted(os.listdir(out))
@@ -180,11 +179,11 @@ def test_spm_model_test_writes_a_video(run_and_data, tmp_path, monkeypatch, odd)
         writer.write(first)
     writer.release()
     source = cv2.VideoCapture(clip).read()[1]                                 # the frame the tool reads
-    if odd:
-        monkeypatch.setattr(cv2, "VideoCapture", _OddFrames)
-        source = source[:-1, :-1]
-    r = run_tool("spm_model_test.py", "--ckpt", run, "--video", clip, "--output", tmp_path / "out")
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        if odd:
+            patch.setattr(cv2, "VideoCapture", _OddFrames)
+            source = source[:-1, :-1]
+        r = run_tool("spm_model_test.py", "--ckpt", run, "--video", clip, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     h, w = source.shape[:2]
     cap = cv2.VideoCapture(str(tmp_path / "out" / "clip.mp4"))
@@ -224,7 +223,7 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
     out_json = tmp_path / "poses.json"
     flags = ["--flip", "--scales", "1,2", "--long-side", "320"]
     r = run_tool("spm_model_test.py", "--ckpt", run, "--imgs", folder, "--output", tmp_path / "out",
-             "--json", out_json, "--score", "0", *flags)
+                 "--json", out_json, "--score", "0", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     got = {e["image_id"]: e["keypoint_annotations"] for e in json.load(open(out_json))}
     assert sorted(got) == sorted(os.path.splitext(n)[0] for n in names)
@@ -241,7 +240,7 @@ def test_spm_model_test_json_with_flip_scales_and_long_side_gives_the_python_pos
         poses = np.array([v for v in people.values()]).reshape(len(people), -1, 3)[..., :2]
         np.testing.assert_allclose(poses, want.poses, atol=0.01)      # rounded to 0.01 px in the file
     r = run_tool("model_val.py", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
-             "--out", tmp_path / "pred.json", *flags)
+                 "--out", tmp_path / "pred.json", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["scales"] == [1.0, 2.0] and result["long_side"] == 320 and result["predicted_images"] == 4
@@ -254,7 +253,7 @@ def test_multiscale_benchmark_puts_people_on_a_larger_canvas_and_scores_each_set
     run, paths = run_and_data
     keep = tmp_path / "canvas"
     r = run_tool("benchmark.py", "multiscale", "--ckpt", run, "--json", paths.val_json, "--images", paths.val_images,
-             "--scales", "1", "1,2", "--keep", keep, "--limit", "3")
+                 "--scales", "1", "1,2", "--keep", keep, "--limit", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"scales"')]
     assert [row["scales"] for row in rows] == [[1.0], [1.0, 2.0]]
@@ -291,7 +290,7 @@ def test_oracle_benchmark_scores_a_coco_file_with_either_hierarchy(tmp_path):
     depths = {}
     for skeleton in ("coco", str(derived)):
         r = run_tool("benchmark.py", "oracle", "--ref", ref, "--images", photos, "--out", tmp_path / "o.json",
-                 "--dataset", "coco", "--skeleton", skeleton, "--input", "256x256")
+                     "--dataset", "coco", "--skeleton", skeleton, "--input", "256x256")
         assert r.returncode == 0, r.stderr[-2000:]
         summary = json.loads(r.stdout.strip().splitlines()[-1])
         assert summary["metric"] == "COCO AP" and summary["score"] == pytest.approx(1.0)
@@ -308,8 +307,8 @@ def test_pipeline_benchmark_runs_on_a_coco_annotation_file(tmp_path):
 
     paths = generate_synthetic_dataset(str(tmp_path / "synth"), num_train=12, num_val=1, seed=5)
     r = run_tool("benchmark.py", "pipeline", "--json", paths.train_coco_json, "--images", paths.train_images,
-             "--dataset", "coco", "--preset", "tiny_synthetic", "--input", "64x64", "--batch-size", "4",
-             "--batches", "3", "--rounds", "1", "--stage-images", "8")
+                 "--dataset", "coco", "--preset", "tiny_synthetic", "--input", "64x64", "--batch-size", "4",
+                 "--batches", "3", "--rounds", "1", "--stage-images", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["images_per_s"] > 0 and out["decode_only_images_per_s"] > 0
@@ -361,9 +360,9 @@ def test_recipe_trains_each_variant_and_reports_its_score_curve(tmp_path):
     and COCO AP): a variant trained and scored twice by the training loop's evaluator (the other
     variant is left out by --only); the table's numbers are the curve's end."""
     r = run_tool("benchmark.py", "recipe", "--steps", "20", "--evals", "2", "--batch-size", "2",
-             "--input", "64", "--real-photos", "--head-channels", "8",
-             "--variants", "a:disp_loss_weight=0.01", "b:disp_loss_weight=1.0,joint_heatmaps=true",
-             "--only", "b", "--out", str(tmp_path / "recipe.json"))
+                 "--input", "64", "--real-photos", "--head-channels", "8",
+                 "--variants", "a:disp_loss_weight=0.01", "b:disp_loss_weight=1.0,joint_heatmaps=true",
+                 "--only", "b", "--out", str(tmp_path / "recipe.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.load(open(tmp_path / "recipe.json"))
     assert [row["variant"] for row in out["rows"]] == ["b"] and out["input"] == "64x64"

@@ -61,9 +61,10 @@ def run_tool(name: str, *args):
             try:
                 code = load_tool(name.removesuffix(".py")).main(argv)
             except SystemExit as e:                      # argparse, or raise SystemExit("message")
-                code = e.code if isinstance(e.code, int) or e.code is None else 1
-                if not isinstance(e.code, int) and e.code is not None:
-                    print(e.code, file=sys.stderr)
+                code = e.code
+                if code is not None and not isinstance(code, int):      # as the interpreter does
+                    print(code, file=sys.stderr)
+                    code = 1
     finally:
         root.removeHandler(handler)
     return subprocess.CompletedProcess([name, *argv], code or 0, out.getvalue(), err.getvalue())
@@ -307,45 +308,41 @@ def run_mode(mode: str, out: str, *extra: str):
         # the clipped gradient, so the move's global norm is lr x the limit when the all-reduced
         # gradient is clipped (a per-replica clip gives up to twice that, a clip of the scaled
         # gradient a 256th).
-        for precision in ("float16",):
-            # lr 1 and a limit of 1e-2: each weight moves by far more than float32's spacing at
-            # its value (with a move of 1e-5 in norm, rounding of the weights was 0.1% of it)
-            cfg = synthetic_config(os.path.join(out, f"clip{precision}"), extra[0], batch_size=4, optimizer="sgd",
-                                   lr=1.0, mixed_precision=precision, steps_per_call=1, grad_clip_norm=1e-2)
-            images, labels = fixed_batch(cfg, 8)
-            # float16: replica 1 overflows in step 2, after the clipped step (BatchNorm trains)
-            clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels),
-                              gradient_hook=nan_at(2, replica=1) if precision else None)
-            randomise_output_kernels(clipped.model)
-            if precision:
-                clipped.optimizer.dynamic_scale.assign(256.0)
-            before = _trainable(clipped)
-            it_clipped = iter(clipped.dist_dataset)
-            run = clipped.run_steps(it_clipped, 1)
-            tag = precision or "float32"
-            results[f"clip_{tag}_moved"] = float(np.sqrt(sum(np.sum((np.float64(a) - b) ** 2)
-                                                           for a, b in zip(_trainable(clipped), before))))
-            results[f"clip_{tag}_skipped"] = len(run["skipped"])
-            if precision:
-                # Replica 1's gradient is infinite at step 2: the update is skipped on both
-                # replicas and the loss scale falls; step 3 trains.
-                per_replica = lambda: [  # noqa: E731
-                    [np.array(t) for t in clipped.strategy.experimental_local_results(v)]
-                    for v in clipped.model.trainable_variables]
-                replicas_before, iterations = per_replica(), int(clipped.optimizer.iterations.numpy())
-                scale_before = float(clipped.optimizer.dynamic_scale.numpy())
-                first = clipped.run_steps(it_clipped, 1)
-                replicas_after = per_replica()
-                second = clipped.run_steps(it_clipped, 1)
-                results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
-                               overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
-                               overflow_iterations=int(clipped.optimizer.iterations.numpy()) - iterations,
-                               overflow_unchanged=all(np.array_equal(b, a)
-                                                      for bs, as_ in zip(replicas_before, replicas_after)
-                                                      for b, a in zip(bs, as_)),
-                               overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(clipped)),
-                               overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
-                                                  zip(replicas_before, clipped.model.trainable_variables)))
+        # lr 1 and a limit of 1e-2: each weight moves by far more than float32's spacing at its
+        # value (with a move of 1e-5 in norm, rounding of the weights was 0.1% of it)
+        cfg = synthetic_config(os.path.join(out, "clipfloat16"), extra[0], batch_size=4, optimizer="sgd",
+                               lr=1.0, mixed_precision="float16", steps_per_call=1, grad_clip_norm=1e-2)
+        images, labels = fixed_batch(cfg, 8)
+        # replica 1 overflows in step 2, after the clipped step (BatchNorm trains)
+        clipped = Trainer(cfg, two_cpus, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels),
+                          gradient_hook=nan_at(2, replica=1))
+        randomise_output_kernels(clipped.model)
+        clipped.optimizer.dynamic_scale.assign(256.0)
+        before = _trainable(clipped)
+        it_clipped = iter(clipped.dist_dataset)
+        run = clipped.run_steps(it_clipped, 1)
+        results["clip_float16_moved"] = float(np.sqrt(sum(np.sum((np.float64(a) - b) ** 2)
+                                                          for a, b in zip(_trainable(clipped), before))))
+        results["clip_float16_skipped"] = len(run["skipped"])
+        # Replica 1's gradient is infinite at step 2: the update is skipped on both replicas and
+        # the loss scale falls; step 3 trains.
+        per_replica = lambda: [  # noqa: E731
+            [np.array(t) for t in clipped.strategy.experimental_local_results(v)]
+            for v in clipped.model.trainable_variables]
+        replicas_before, iterations = per_replica(), int(clipped.optimizer.iterations.numpy())
+        scale_before = float(clipped.optimizer.dynamic_scale.numpy())
+        first = clipped.run_steps(it_clipped, 1)
+        replicas_after = per_replica()
+        second = clipped.run_steps(it_clipped, 1)
+        results.update(overflow_scale_before=scale_before, overflow_scale_after=first["loss_scale"],
+                       overflow_skipped=first["skipped"], overflow_second_skipped=len(second["skipped"]),
+                       overflow_iterations=int(clipped.optimizer.iterations.numpy()) - iterations,
+                       overflow_unchanged=all(np.array_equal(b, a)
+                                              for bs, as_ in zip(replicas_before, replicas_after)
+                                              for b, a in zip(bs, as_)),
+                       overflow_finite_after=all(np.isfinite(w).all() for w in _trainable(clipped)),
+                       overflow_moved=any(not np.array_equal(b[0], v.numpy()) for b, v in
+                                          zip(replicas_before, clipped.model.trainable_variables)))
         np.savez(os.path.join(out, "replicas.npz"), **results)
     elif mode == "worker":
         from utils.distribute import make_strategy
