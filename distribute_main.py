@@ -20,7 +20,8 @@ the exit code is the first failure's. The chief's console streams through live.
 
 SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) reach every worker once; each saves a
 checkpoint at the same step and exits with 75, as this command then does: run it again to
-resume. A second signal, a second or more after the first, kills at once.
+resume; during the workers' start-up, each stops before its first step with nothing to save, and
+exits with 75 too. A second signal, a second or more after the first, kills at once.
 """
 
 import json

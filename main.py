@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from config import add_config_args, config_from_args  # noqa: E402
-from utils.preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from utils.preemption import PREEMPTED_EXIT_CODE, StopRequest  # noqa: E402
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -39,21 +39,26 @@ def run_cli(args, make_strategy=None) -> int:
     command again to resume; ``utils/preemption.py``).
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-        strategy = make_strategy() if make_strategy else None
-        # Imported here, not at the top: distribute_main.py imports this module before it selects
-        # GPUs, and TensorFlow (which utils.training imports) must not load before that.
-        from utils.training import NonFiniteLossError, Trainer
-
+    # SIGTERM / SIGINT are requests to stop from here on, start-up included (TensorFlow's import,
+    # the annotations, the model and the restore take a while): the loop stops before its first
+    # step when one came during start-up.
+    with StopRequest() as stop:
         try:
-            result = Trainer(cfg, strategy=strategy).fit()
-        except NonFiniteLossError as e:
+            cfg = config_from_args(args)
+            strategy = make_strategy() if make_strategy else None
+            stop.reinstall()          # a MultiWorkerMirroredStrategy's start took SIGTERM over
+            # Imported here, not at the top: distribute_main.py imports this module before it
+            # selects GPUs, and TensorFlow (which utils.training imports) must not load before that.
+            from utils.training import NonFiniteLossError, Trainer
+
+            try:
+                result = Trainer(cfg, strategy=strategy).fit(stop)
+            except NonFiniteLossError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+        except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            return 2
     print(json.dumps(result))
     return PREEMPTED_EXIT_CODE if result.get("preempted") else 0
 

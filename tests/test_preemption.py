@@ -1,6 +1,7 @@
 """Long runs on the user's path: SIGTERM and ``kill -9`` of ``main.py`` mid-epoch, then the same
 command, against an uninterrupted run (the data position, the optimizer, the schedule); SIGTERM
-to the ``--process-per-gpu`` launcher. The loopback-worker version is in test_distributed.py."""
+to the ``--process-per-gpu`` launcher while its workers start. The loopback-worker version is in
+test_distributed.py."""
 
 import glob
 import json
@@ -75,9 +76,11 @@ def _assert_same_weights(run_a, run_b):
 def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
     """1: SIGTERM in the middle of epoch 1, no mid-epoch checkpoint configured: the run saves the
     step it reached and exits with 75 within seconds ("preempted": true). 2: the same command
-    (with checkpoints every 5 steps) resumes there; ``kill -9`` after a later mid-epoch
-    checkpoint. 3: the same command resumes from the newest complete checkpoint and ends on step
-    80 with the uninterrupted run's weights, the optimizer's step equal to the run's."""
+    (with checkpoints every 5 steps), SIGTERM during its start-up: it stops before its first step
+    with 75, nothing trained or saved. 3: the same command resumes there; ``kill -9`` after a
+    later mid-epoch checkpoint. 4: the same command resumes from the newest complete checkpoint
+    and ends on step 80 with the uninterrupted run's weights, the optimizer's step equal to the
+    run's."""
     run_dir = tmp_path / "run"
     cmd = _main_command(run_dir, uninterrupted / "synth")
     log = tmp_path / "first.log"
@@ -96,6 +99,18 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
     assert not (run_dir / "final.weights.h5").exists()
 
     cmd = _main_command(run_dir, uninterrupted / "synth", "--checkpoint-every-steps", "5")
+    log = tmp_path / "start-up.log"
+    with open(log, "w") as out:
+        starting = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        # logged while the run directory's config is checked, before the model is built
+        assert wait_for(log, "resume: checkpoint_every_steps changed", [starting]), open(log).read()[-2000:]
+        starting.send_signal(signal.SIGTERM)
+        assert starting.wait(timeout=120) == 75, open(log).read()[-3000:]
+    text = open(log).read()
+    assert "SIGTERM during start-up" in text and "Epoch 1/2" not in text and "Traceback" not in text
+    assert json.loads(text.strip().splitlines()[-1])["steps"] == stopped
+    assert saved_steps(run_dir / "checkpoints") == [stopped]
+
     second = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, killed_after = time.time() + 240, None
     while time.time() < deadline and second.poll() is None:
@@ -125,10 +140,13 @@ def test_sigterm_then_kill_minus_9_then_resume_equals_the_uninterrupted_run(tmp_
     _assert_same_weights(run_dir, uninterrupted / "run")
 
 
-def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_and_exits_75(tmp_path):
+def test_sigterm_to_the_process_per_gpu_launcher_during_start_up_stops_both_workers_with_75(tmp_path):
     """``distribute_main.py --process-per-gpu`` (two CPU worker processes) signalled as a
-    scheduler does (SIGTERM to the launcher and its workers): the chief's console streams live,
-    both workers save the same step and the launcher exits with 75."""
+    scheduler does (SIGTERM to the launcher and its workers, the launcher forwarding it: two
+    deliveries each) while the workers start: both stop before their first step with nothing
+    saved and exit with 75, and so does the launcher (before, the signal killed them and the
+    launcher reported a failed worker). Signals during training: the loopback workers of
+    test_distributed.py, and the launcher's forwarding with stand-in workers in test_devices.py."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(ROOT, "distribute_main.py"), "--cpu", "--gpus", "0,1", "--process-per-gpu",
            "--run-dir", str(run_dir), "--synthetic-dir", str(tmp_path / "synth"), "--synthetic-train-images", "8",
@@ -140,14 +158,18 @@ def test_sigterm_to_the_process_per_gpu_launcher_saves_every_worker_and_exits_75
     with open(log, "w") as out:
         launcher = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
-        assert wait_for(log, "Epoch 1/1", [launcher]), open(log).read()[-3000:]    # live, before any exit
-        time.sleep(3.0)
+        # both workers have made their strategy (TensorFlow loaded) and are building the trainer
+        deadline = time.time() + 240
+        while time.time() < deadline and launcher.poll() is None:
+            if open(log).read().count("MultiWorkerMirroredStrategy with 2 replicas") == 2:
+                break
+            time.sleep(0.05)
         os.killpg(launcher.pid, signal.SIGTERM)
         assert launcher.wait(timeout=120) == 75, open(log).read()[-3000:]
     text = open(log).read()
-    result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
-    stopped = result["steps"]
-    assert result["preempted"] is True and 0 < stopped < 120
-    assert saved_steps(run_dir / "checkpoints") == [stopped]
-    assert "error: worker process" not in text                 # no worker was killed as a failure
-    # (the workers' resume from that step: the same TF_CONFIG workers in test_distributed.py)
+    assert text.count("MultiWorkerMirroredStrategy with 2 replicas") == 2, text[-3000:]
+    assert "SIGTERM during start-up" in text and "Epoch 1/1" not in text
+    assert "error: worker process" not in text and "Traceback" not in text
+    result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])    # the chief's
+    assert result["preempted"] is True and result["steps"] == 0
+    assert saved_steps(run_dir / "checkpoints") == []

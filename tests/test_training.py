@@ -179,12 +179,15 @@ def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_di
 def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(tmp_path):
     """Fields that change what the checkpoint means (SPR targets, the network, its skeleton and
     input size, the losses) are refused with both values, before anything is written; epochs and
-    logging may change. A checkpoint is not saved from non-finite weights."""
+    logging may change. The resumed run keeps the best score of the evaluation that followed the
+    checkpoint (the epoch-end checkpoint precedes it). A checkpoint is not saved from non-finite
+    weights."""
     from utils.training import Trainer
 
     cfg = tiny_config(str(tmp_path), steps_per_epoch=1, epochs=1)
     images, labels = fixed_batch(cfg, 2)
-    Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels)).fit()
+    first = Trainer(cfg, evaluate_fn=lambda model, cfg: {"score": 0.25}, pipeline=FixedPipeline(images, labels))
+    assert first.fit()["best_score"] == 0.25
     written = (tmp_path / "config.json").read_text()
     for change, message in [
             (dict(anchor="root"), "anchor: 'parent' in the run, 'root' now"),
@@ -201,6 +204,8 @@ def test_resume_refuses_a_field_that_changes_the_checkpoint_naming_both_values(t
     resumed = Trainer(cfg.replace(epochs=2, log_every_steps=5, score_threshold=0.3), evaluate_fn=no_eval,
                       pipeline=FixedPipeline(images, labels))
     assert {name for name, _, _ in resumed.config_changes} == {"epochs", "log_every_steps", "score_threshold"}
+    # the checkpoint holds the best score from before its epoch's evaluation; history.json the 0.25
+    assert float(resumed.best_score.numpy()) == 0.25
     assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 2
     # a checkpoint is never written from non-finite weights: the last good one stays the newest
     import tensorflow as tf

@@ -6,6 +6,11 @@ request, finishes the ``tf.function`` call it is in, saves a checkpoint on every
 decision to stop is all-reduced, so all workers save the same step) and exits with
 :data:`PREEMPTED_EXIT_CODE`. Running the same command again resumes from that checkpoint.
 
+The request holds from the moment the command starts (``main.py``'s runner installs it before
+TensorFlow loads): a signal during start-up (imports, reading annotations, building the model,
+restoring) is kept, and the training loop, before its first step, stops every worker without
+training or saving anything (exit 75; the newest checkpoint is still where the run resumes).
+
 A *second* signal kills at once (the default action of that signal), for a user who does not
 want to wait for the save. Signals that arrive within :data:`SAME_SIGNAL_WINDOW` seconds of the
 first count as the first: a scheduler that signals every process of a job and a launcher that
@@ -46,6 +51,14 @@ class StopRequest:
         for s in SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
+
+    def reinstall(self) -> None:
+        """Take the signals back (what ``__exit__`` restores stays the same). TensorFlow's
+        multi-worker coordination service, started with a MultiWorkerMirroredStrategy, installs a
+        C++ SIGTERM handler of its own that only records the signal (for
+        ``PreemptionCheckpointHandler``): after it, SIGTERM would never reach this request."""
+        for s in SIGNALS:
+            signal.signal(s, self._handle)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():

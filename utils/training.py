@@ -32,7 +32,9 @@ What each step guarantees on any number of replicas:
   SIGINT. The decision is one decision: each worker's request is all-reduced in the step.
 * **Preemption.** SIGTERM or SIGINT (``utils/preemption.py``): every worker saves a checkpoint
   at the next call boundary and the run returns with ``"preempted": true``; ``main.py`` exits
-  with code 75. The same command resumes. A second signal kills at once.
+  with code 75. The same command resumes. A second signal kills at once. A signal during
+  start-up (``main.py`` holds the request from its first lines) stops every worker before the
+  first step, with nothing to save.
 * **Resume on every worker.** Every worker restores the newest checkpoint of
   ``run_dir/checkpoints`` (the chief's; the run directory must be on storage all workers see),
   the workers' steps are compared and a disagreement stops the run; only the chief writes
@@ -328,6 +330,8 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(self.checkpoint, self._ckpt_dir,
                                                   max_to_keep=cfg.train.max_checkpoints if self.is_chief else 1)
         self.resumed_from = self._restore_or_initialise(latest)
+        if self.resumed_from:
+            self._best_score_from_history()
         if self.is_chief:
             self.cfg.save(self.run_dir)                  # only now: every check has passed
             if self.resumed_from:
@@ -392,12 +396,14 @@ class Trainer:
     def _raise_on_every_worker(self, error: Optional[str], what: str) -> None:
         """Raise ``error`` (None: no error here) on every worker if any worker has one: the flag
         travels in an all-reduce, so workers waiting in a collective are released too."""
-        if self.replicas > 1:
-            failed = self._sum_over_replicas([1.0 / self.local_replicas if error else 0.0])[0] > 0.5
-        else:
-            failed = error is not None
-        if failed:
+        if self._on_any_worker(error is not None):
             raise ValueError(error or f"another worker failed while {what} (see its log); stopping")
+
+    def _on_any_worker(self, flag: bool) -> bool:
+        """True on every worker when ``flag`` is true on any (every worker must call it)."""
+        if self.replicas == 1:
+            return bool(flag)
+        return self._sum_over_replicas([1.0 / self.local_replicas if flag else 0.0])[0] > 0.5
 
     def _restore_or_initialise(self, latest: Optional[str]) -> Optional[str]:
         if latest:
@@ -621,11 +627,17 @@ class Trainer:
             n = min(n, every - step % every)
         return n
 
-    def fit(self) -> Dict[str, Any]:
+    def fit(self, stop: Optional[StopRequest] = None) -> Dict[str, Any]:
         """Train to ``cfg.train.epochs`` (or until SIGTERM / SIGINT: then ``"preempted": true``
-        after a checkpoint on every worker); the summary dict."""
-        with StopRequest() as stop:
+        after a checkpoint on every worker); the summary dict. ``stop``: a StopRequest already
+        active (``main.py``'s, installed before start-up); None: one for the duration of this call.
+        A stop requested before the first step (during start-up) returns at once, on every worker,
+        with nothing trained and nothing saved."""
+        if stop is not None:
+            stop.reinstall()       # in case a MultiWorkerMirroredStrategy took SIGTERM over since
             return self._fit(stop)
+        with StopRequest() as own:
+            return self._fit(own)
 
     def _fit(self, stop: StopRequest) -> Dict[str, Any]:
         cfg = self.cfg
@@ -633,6 +645,12 @@ class Trainer:
         epochs = cfg.train.epochs
         history = self._load_history()
         skipped_updates = int(history[-1].get("skipped_updates", 0)) if history else 0
+        if self._on_any_worker(stop.requested):       # asked during start-up, on any worker
+            if self.is_chief:
+                print(f"{stop.signal_name or 'a stop request'} during start-up (on this or another worker): "
+                      f"stopping before the first step; nothing to save (the run resumes from "
+                      f"{self.resumed_from or 'its start'})", flush=True)
+            return self._summary(start, history[-1] if history else {}, skipped_updates, preempted=True)
         epoch = int(self.epoch.numpy())
         done = bool(history) and history[-1]["epoch"] == epoch and "score" in history[-1]
         # The chief's history decides, for every worker.
@@ -720,6 +738,11 @@ class Trainer:
         self.writer.flush()
         if not self.is_chief and not preempted:
             shutil.rmtree(self._ckpt_dir, ignore_errors=True)
+        return self._summary(start, last_eval, skipped_updates, preempted)
+
+    def _summary(self, start: float, last_eval: Dict[str, Any], skipped_updates: int,
+                 preempted: bool) -> Dict[str, Any]:
+        """What ``fit`` returns (and ``main.py`` prints as its last line)."""
         return {
             "score": float(last_eval.get("score", float("nan"))) if last_eval else float("nan"),
             "best_score": float(self.best_score.numpy()),
@@ -775,6 +798,16 @@ class Trainer:
 
     def _history_path(self):
         return os.path.join(self.run_dir, "history.json")
+
+    def _best_score_from_history(self) -> None:
+        """The epoch-end checkpoint is written before its evaluation, so a run stopped after an
+        evaluation and before the next checkpoint restores an older best score: the best of the
+        restored epochs' recorded scores counts too (otherwise the next evaluation, even a worse
+        one, would overwrite best.weights.h5)."""
+        scores = [float(h["score"]) for h in self._load_history() if "score" in h]
+        best = max([s for s in scores if np.isfinite(s)], default=float("-inf"))
+        if best > float(self.best_score.numpy()):
+            self.best_score.assign(best)
 
     def _load_history(self) -> List[Dict[str, Any]]:
         path = self._history_path()
