@@ -21,7 +21,7 @@ HELPERS = os.path.join(ROOT, "tests", "training_helpers.py")
 def test_loss_falls_over_20_steps_on_a_fixed_batch(tmp_path):
     from utils.training import Trainer
 
-    cfg = tiny_config(str(tmp_path), batch_size=4, steps_per_epoch=20, epochs=1, lr=3e-3,
+    cfg = tiny_config(str(tmp_path), batch_size=4, steps_per_epoch=20, epochs=1, lr=3e-3, optimizer="adam",
                       deterministic=True, seed=0)      # the trunk's initial weights seeded
     images, labels = fixed_batch(cfg, 4)
     trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels))
@@ -49,7 +49,7 @@ def test_non_finite_steps_are_skipped_counted_and_leave_everything_untouched(tmp
     from training_helpers import nan_at
     from utils.training import Trainer
 
-    cfg = tiny_config(str(tmp_path), steps_per_epoch=6, epochs=1, steps_per_call=1,
+    cfg = tiny_config(str(tmp_path), steps_per_epoch=6, epochs=1, steps_per_call=1, optimizer="adam",
                       mixed_precision="" if precision == "float32" else precision)
     images, labels = fixed_batch(cfg, 2)
     trainer = Trainer(cfg, evaluate_fn=no_eval, pipeline=FixedPipeline(images, labels), gradient_hook=nan_at(3, 5))
@@ -120,7 +120,7 @@ def test_consecutive_non_finite_steps_exit_with_code_3_naming_them(tmp_path, syn
          "--synthetic-val-images", "4", "--input-height", "64", "--input-width", "64", "--batch-size", "2",
          "--tiny-width", "8", "--tiny-modules", "1,1,1", "--tiny-stem-channels", "16", "--head-channels", "16",
          "--sigma", "1.5", "--tau", "2", "--epochs", "3", "--steps-per-epoch", "3", "--steps-per-call", "1",
-         "--max-bad-steps", "3"])
+         "--max-bad-steps", "3", "--eval-every-epochs", "3"])      # no evaluation before the stop
     assert main.run_cli(args) == 3
     assert "3 consecutive non-finite steps, 7 to 9" in capsys.readouterr().err
     saved = sorted(glob.glob(str(run_dir / "checkpoints" / "ckpt-*.index")))

@@ -72,11 +72,14 @@ def run_tool(name: str, *args):
 
 def tiny_config(run_dir: str = "", **overrides):
     """hrnet_tiny (width 8, one high-resolution module per stage: a shorter trace) at 64x64, batch
-    2 per replica, the step schedule without warm-up, the paper's two heads (``joint_heatmaps=True``
-    for the preset's third: tests/test_heatmaps.py and the replica test) and the plain score (no
-    flip testing); everything else from the tiny preset."""
+    2 per replica, SGD on the step schedule without warm-up, the paper's two heads
+    (``joint_heatmaps=True`` for the preset's third: tests/test_heatmaps.py and the replica test)
+    and the plain score (no flip testing); everything else from the tiny preset. SGD: Adam's
+    update, traced op by op for each of the trunk's 138 variables, is a third of a trainer's first
+    call (10.3 s against 6.9 s here); the tests about the optimizer's state ask for ``adam``, and
+    the command-line runs train with the presets' Adam."""
     base = dict(input_height=64, input_width=64, batch_size=2, tiny_width=8, tiny_modules=(1, 1, 1),
-                tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0,
+                tiny_stem_channels=16, head_channels=16, sigma=1.5, tau=2.0, optimizer="sgd",
                 epochs=1, steps_per_epoch=2, lr=1e-3, lr_decay_epochs=(), log_every_steps=1,
                 lr_schedule="step", warmup_steps=0, joint_heatmaps=False, eval_flip=False, run_dir=run_dir)
     base.update(overrides)
