@@ -158,11 +158,21 @@ def test_long_side_keeps_the_aspect_ratio_and_maps_back_to_the_image(run_dir):
         input_size(10, 10, 100)
     model, cfg = load_trained_model(run_dir)
     image = _image(96, 160, 7)
-    pred, = predict_images(Predictor(model, cfg), [image], long_side=160)
+    predictor = Predictor(model, cfg)
+    pred, = predict_images(predictor, [image], long_side=160)
     # roots are output-cell centres of the 96x160 network input, mapped back to the image
     cells = to_network(pred.roots, letterbox_params(96, 160, 96, 160)) / 4 - 0.5
     np.testing.assert_allclose(cells, np.round(cells), atol=1e-3)
     assert len(cells) == 8 and cells.min() >= 0 and cells[:, 0].max() < 40 and cells[:, 1].max() < 24
+    # Pictures of other sizes, each at its own input size: the decoder is traced once for all
+    # of them (a plain graph; XLA would compile once per size), and decodes as the XLA one does.
+    others = predict_images(predictor, [_image(64, 160, 1), _image(160, 96, 2)], long_side=160)
+    assert predictor.decoder(any_size=True).experimental_get_tracing_count() == 1
+    assert predictor.decode.experimental_get_tracing_count() == 0 and len(others) == 2
+    x = image[None].astype(np.float32)                  # the picture fills its 96x160 input
+    plain, compiled = (predictor(x, any_size=any_size) for any_size in (True, False))
+    assert int(plain.num_people[0]) == int(compiled.num_people[0]) == 8
+    np.testing.assert_allclose(plain.poses.numpy(), compiled.poses.numpy(), atol=1e-3)
     # the same picture through the square 64x64 input is another prediction
     square, = predict_images(Predictor(model, cfg), [image])
     assert not np.allclose(np.sort(square.roots, axis=0), np.sort(pred.roots, axis=0))

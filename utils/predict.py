@@ -237,26 +237,40 @@ class Predictor:
                                                            letterbox, scaled),
             reduce_retracing=True, autograph=False)
         # The decoder alone is compiled with XLA (about 2.5x faster on CPU, nets/spr.py); the
-        # network is left to the regular graph. Each new map size traces once.
+        # network is left to the regular graph. XLA compiles again for each new map size (about 2 s
+        # on this CPU with heatmaps), so pictures of many sizes (``--long-side``) are decoded by the same
+        # decoder as a plain graph, traced once for every size (``any_size``).
         self.decode = make_decoder(cfg.skeleton, cfg.spr, None, jit_compile=True,
                                    heatmaps=cfg.model.joint_heatmaps)
+        self._decode_any_size = None
 
     @property
     def multi_scale(self) -> bool:
         return self.scales != (1.0,)
 
-    def __call__(self, images, letterbox=None, scaled=()):
+    def decoder(self, any_size: bool = False):
+        """The decoder: compiled with XLA (one compilation per map size), or with ``any_size``
+        the plain graph (one trace for every size; a call about twice as slow on CPU)."""
+        if not any_size:
+            return self.decode
+        if self._decode_any_size is None:
+            self._decode_any_size = make_decoder(self.cfg.skeleton, self.cfg.spr, None, jit_compile=False,
+                                                 heatmaps=self.cfg.model.joint_heatmaps)
+        return self._decode_any_size
+
+    def __call__(self, images, letterbox=None, scaled=(), any_size: bool = False):
         """:class:`nets.spr.Decoded` of a batch [B, H, W, 3] letterboxed at the scale-1 input;
         with several scales, ``letterbox`` [B, 4] is that batch's letterbox and ``scaled`` one
-        ``(images, letterbox)`` batch per other scale (:func:`network_maps`)."""
+        ``(images, letterbox)`` batch per other scale (:func:`network_maps`). ``any_size``: the
+        input size changes from call to call (:meth:`decoder`)."""
         if letterbox is None:
             if self.multi_scale:
                 raise ValueError(f"scales {self.scales} need the letterbox and each scale's input "
                                  "(utils.predict.letterbox_scales)")
             letterbox = tf.zeros([tf.shape(images)[0], 4], tf.float32)
         scaled = tuple((tf.convert_to_tensor(x), tf.convert_to_tensor(b, tf.float32)) for x, b in scaled)
-        return self.decode(*self.maps(tf.convert_to_tensor(images), tf.convert_to_tensor(letterbox, tf.float32),
-                                      scaled))
+        return self.decoder(any_size)(*self.maps(tf.convert_to_tensor(images),
+                                                 tf.convert_to_tensor(letterbox, tf.float32), scaled))
 
 
 @dataclasses.dataclass
@@ -335,7 +349,8 @@ def iter_predictions(predictor: Predictor, images: Iterable[np.ndarray], long_si
         boxes = [lb for _, lb, _ in views]
         scaled = [(np.stack([v[2][k][0] for v in views]), np.stack([v[2][k][1].as_array() for v in views]))
                   for k in range(len(views[0][2]))]
-        decoded = predictor(np.stack([v[0] for v in views]), np.stack([lb.as_array() for lb in boxes]), scaled)
+        decoded = predictor(np.stack([v[0] for v in views]), np.stack([lb.as_array() for lb in boxes]), scaled,
+                            any_size=bool(long_side))
         yield from _unbatch(decoded, boxes, owners)
 
 
