@@ -35,8 +35,8 @@ def run_cli(args, make_strategy=None) -> int:
 
     ``make_strategy``: a callable returning the tf.distribute strategy (None: one device).
     Exit codes: 0 done, 2 bad input (config, files, data), 3 non-finite training (``--max-bad-steps``
-    consecutive skipped steps), 75 stopped by SIGTERM / SIGINT after a checkpoint (run the same
-    command again to resume; ``utils/preemption.py``).
+    consecutive skipped steps), 75 stopped by SIGTERM / SIGINT after a checkpoint, or during
+    start-up before the first step (run the same command again to resume; ``utils/preemption.py``).
     """
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM / SIGINT are requests to stop from here on, start-up included (TensorFlow's import,
