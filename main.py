@@ -46,7 +46,6 @@ def run_cli(args, make_strategy=None) -> int:
         try:
             cfg = config_from_args(args)
             strategy = make_strategy() if make_strategy else None
-            stop.reinstall()          # a MultiWorkerMirroredStrategy's start took SIGTERM over
             # Imported here, not at the top: distribute_main.py imports this module before it
             # selects GPUs, and TensorFlow (which utils.training imports) must not load before that.
             from utils.training import NonFiniteLossError, Trainer

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 from typing import Dict, List, MutableMapping, Optional, Tuple
 
@@ -168,7 +169,15 @@ def make_strategy(cpu_replicas: int = 0, environ: Optional[MutableMapping[str, s
     if tf_config_task(environ) is not None:
         if cpu_replicas > 1:
             raise ValueError("--cpu-replicas > 1 cannot be combined with TF_CONFIG (one CPU replica per worker)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # Its coordination service installs a C++ SIGTERM handler of its own that only records
+        # the signal (for TensorFlow's PreemptionCheckpointHandler): the process keeps the
+        # handler it had (the runner's stop request, or the default action), or a scheduler's
+        # SIGTERM would be swallowed.
+        previous = signal.getsignal(signal.SIGTERM)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        return strategy
     if cpu_replicas > 0:
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(

@@ -52,14 +52,6 @@ class StopRequest:
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def reinstall(self) -> None:
-        """Take the signals back (what ``__exit__`` restores stays the same). TensorFlow's
-        multi-worker coordination service, started with a MultiWorkerMirroredStrategy, installs a
-        C++ SIGTERM handler of its own that only records the signal (for
-        ``PreemptionCheckpointHandler``): after it, SIGTERM would never reach this request."""
-        for s in SIGNALS:
-            signal.signal(s, self._handle)
-
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)

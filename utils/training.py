@@ -634,7 +634,6 @@ class Trainer:
         A stop requested before the first step (during start-up) returns at once, on every worker,
         with nothing trained and nothing saved."""
         if stop is not None:
-            stop.reinstall()       # in case a MultiWorkerMirroredStrategy took SIGTERM over since
             return self._fit(stop)
         with StopRequest() as own:
             return self._fit(own)
