@@ -368,11 +368,11 @@ def run_mode(mode: str, out: str, *extra: str):
         if result["preempted"]:
             np.savez(os.path.join(out, f"worker{task}_preempted.npz"), steps=result["steps"], start_step=start_step)
             sys.exit(75)
+        # the run's final evaluation: its score as each worker received it, and the chief's record
         history = json.load(open(os.path.join(out, "run", "history.json"))) if trainer.is_chief else []
-        last_eval = trainer.evaluate()
         np.savez(os.path.join(out, f"worker{task}.npz"), steps=result["steps"], start_step=start_step,
-                 replicas=trainer.replicas, chief=trainer.is_chief, score=last_eval["score"],
-                 predicted_people=last_eval.get("predicted_people", -1),
+                 replicas=trainer.replicas, chief=trainer.is_chief, score=result["score"],
+                 predicted_people=history[-1]["predicted_people"] if history else -1,
                  history_score=history[-1]["score"] if history else -1.0,
                  **{f"w{i}": w for i, w in enumerate(trainer.model.get_weights())})
     elif mode == "worker_bad_val":
