@@ -1,5 +1,6 @@
 """Exports give the same poses as the Python inference path."""
 
+import functools
 import json
 import os
 
@@ -51,10 +52,18 @@ def exported(run_dir, tmp_path_factory):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _loaded(path):
+    """The SavedModel at ``path``, loaded once for the tests below."""
+    import tensorflow as tf
+
+    return tf.saved_model.load(path)
+
+
 def _served(exported, signature, images):
     import tensorflow as tf
 
-    serve = tf.saved_model.load(str(exported / "saved_model")).signatures[signature]
+    serve = _loaded(str(exported / "saved_model")).signatures[signature]
     return {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
 
 
