@@ -8,21 +8,22 @@ import pytest
 from test_tools import _run
 
 
-def test_gpu_benchmark_smoke_runs_the_mixed_precision_configurations_and_reports_each(tmp_path):
-    """``benchmark.py gpu --smoke --precisions bfloat16,float16 --xla on``: the two mixed
-    precisions users run on a GPU, compiled with XLA as they would for speed, real and in-memory
-    input, the pipeline alone and inference (network and decoder, the exported SavedModel), at
-    tiny sizes on this CPU; one row per configuration, none failed, the table and the JSON line.
-    (Each row costs about 25 s of XLA compilation here, so the plain rows are left out: without
+def test_gpu_benchmark_smoke_runs_float16_with_xla_and_reports_each_part(tmp_path):
+    """``benchmark.py gpu --smoke --precisions float16 --xla on``: the configuration users run on
+    a GPU for speed (float16 with dynamic loss scaling, the step compiled with XLA), real and
+    in-memory input, the pipeline alone and inference (network and decoder, the exported
+    SavedModel), at tiny sizes on this CPU; the row not failed, the table and the JSON line.
+    (A row costs about 20 s of XLA compilation here, so the other rows are left out: without
     XLA, float16 trains on two replicas in test_replicas.py and in test_training.py's non-finite
-    test, and bfloat16 is float32's step under another dtype policy; float32 with and without XLA
-    is test_training.py's XLA test; the default matrix and a failed row: below.)"""
-    r = _run("benchmark.py", "gpu", "--smoke", "--precisions", "bfloat16,float16", "--xla", "on", timeout=900)
+    test; float32 with and without XLA is test_training.py's XLA test; bfloat16, a precision of
+    recent GPUs, is float32's step under another dtype policy (the model under it:
+    test_hrnet.py); the default matrix, its order and a failed row: below.)"""
+    r = _run("benchmark.py", "gpu", "--smoke", "--precisions", "float16", "--xla", "on", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["device"] == "CPU" and result["smoke"] is True
     rows = result["train"]
-    assert [(row["precision"], row["xla"]) for row in rows] == [("bfloat16", True), ("float16", True)]
+    assert [(row["precision"], row["xla"]) for row in rows] == [("float16", True)]
     for row in rows:
         assert "failed" not in row, row
         assert row["pipeline_images_per_s"] > 0 and row["in_memory_images_per_s"] > 0
