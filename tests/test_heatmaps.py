@@ -1,7 +1,10 @@
 """Joint heatmaps (--joint-heatmaps, beyond the paper): targets, loss, snapping in the decoder,
-the training path's flips, and the exported model's refined poses."""
+the training path's flips, and the refined poses of the exported model (``export.py --flip
+--onnx``: SavedModel, TFLite, ONNX)."""
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
@@ -189,21 +192,36 @@ def test_training_pipeline_heatmaps_flip_with_the_picture(tmp_path_factory):
     assert np.abs(flipped - plain).max() > 0.5              # flipping changed the maps
 
 
-def test_exported_model_gives_the_refined_poses_of_the_python_path(tmp_path):
-    from training_helpers import random_head_run
-    from utils import export, predict
+@pytest.fixture(scope="module")
+def heatmaps_export(tmp_path_factory):
+    """A tiny run with the preset's three heads (random output layers, snapping on every joint)
+    and ``tools/export.py --flip --onnx`` of it, once for the tests below: the SavedModel (flip
+    inside), spm.tflite and spm.onnx."""
+    from training_helpers import random_head_run, run_tool
+    from utils import predict
 
-    run_dir = str(tmp_path / "run")
+    base = tmp_path_factory.mktemp("heatmaps_export")
+    run_dir = str(base / "run")
     random_head_run(run_dir, joint_heatmaps=True, score_threshold=0.0, max_people=6, nms_window=3,
                     snap_radius=3.0, snap_threshold=0.0)
+    r = run_tool("export", "--ckpt", run_dir, "--out", base / "exported", "--flip", "--onnx")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(base / "exported")) == ["saved_model", "spm.onnx", "spm.onnx.json", "spm.tflite",
+                                                     "spm.tflite.json"]
     model, cfg = predict.load_trained_model(run_dir)
     assert "heatmaps" in model.output
+    return model, cfg, base / "exported"
+
+
+def test_exported_model_gives_the_refined_poses_of_the_python_path(heatmaps_export):
+    from utils import export, predict
+
+    model, cfg, exported = heatmaps_export
     images = np.random.default_rng(7).integers(0, 255, size=(2, 64, 64, 3), dtype=np.uint8)
     want = predict.predict_images(predict.Predictor(model, cfg, flip=True), list(images))
     plain_cfg = dataclasses.replace(cfg, spr=dataclasses.replace(cfg.spr, snap_radius=0.0))
     unsnapped = predict.predict_images(predict.Predictor(model, plain_cfg, flip=True), list(images))
-    out = export.export_saved_model(model, cfg, str(tmp_path / "sm"), flip=True)
-    serve = tf.saved_model.load(out).signatures[export.IMAGES_SIGNATURE]
+    serve = tf.saved_model.load(str(exported / "saved_model")).signatures[export.IMAGES_SIGNATURE]
     got = {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
     moved = 0.0
     for b in range(2):
@@ -217,16 +235,14 @@ def test_exported_model_gives_the_refined_poses_of_the_python_path(tmp_path):
     assert moved > 0.5                  # the refinement did move joints: the test compares it
 
 
-def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
-    from training_helpers import random_head_run
+def test_tflite_and_onnx_with_heatmaps_match_the_python_path(heatmaps_export):
+    """The command line's spm.tflite (LiteRT) gives the Python path's refined poses; spm.onnx
+    (onnxruntime) gives the network's three maps and the poses nets.spr.decode finds in them."""
     from utils import export, predict
 
-    run_dir = str(tmp_path / "run")
-    random_head_run(run_dir, joint_heatmaps=True, score_threshold=0.0, max_people=6, nms_window=3,
-                    snap_radius=3.0, snap_threshold=0.0)
-    model, cfg = predict.load_trained_model(run_dir)
-    path = str(tmp_path / "spm.tflite")
-    meta = export.export_tflite(model, cfg, path)
+    model, cfg, exported = heatmaps_export
+    path = str(exported / "spm.tflite")
+    meta = json.load(open(path + ".json"))
     assert meta["decoder_inside"], meta.get("decoder_error")
     interp = export.tflite_interpreter(path)
     assert type(interp).__module__.startswith("ai_edge_litert")          # LiteRT, not tf.lite
@@ -241,13 +257,15 @@ def test_tflite_with_heatmaps_matches_the_python_path(tmp_path):
         # LiteRT's kernels move a snapped joint by up to 0.023 px here (TF's interpreter: 1e-4)
         assert np.abs(poses[:len(want.poses)] - pose).reshape(len(want.poses), -1).max(axis=1).min() < 5e-2
     # The ONNX file of the same model. Its maps equal the network's to 1e-4, but on this random
-    # head a 1e-5 change of the maps moves peaks (snap threshold 0, flat maps), so its decoder is
-    # checked on its own maps: the poses it returns are nets.spr.decode's of the maps it returns.
+    # head a 1e-5 change of the maps moves peaks (snap threshold 0, flat maps; measured: a joint
+    # 4.6 px away from the Python path's), so its decoder is checked on its own maps: the poses
+    # it returns are nets.spr.decode's of the maps it returns.
     import onnxruntime
     from nets.spr import decode
 
-    export.export_onnx(model, cfg, str(tmp_path / "spm.onnx"))
-    session = onnxruntime.InferenceSession(str(tmp_path / "spm.onnx"))
+    assert json.load(open(exported / "spm.onnx.json"))["decoder_inside"]
+    session = onnxruntime.InferenceSession(str(exported / "spm.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["images"]
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": image[None].astype(np.float32)})))
     net = model(image[None].astype(np.float32), training=False)
     for k in ("root", "disp", "heatmaps"):
