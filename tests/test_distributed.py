@@ -135,15 +135,6 @@ def _weights_after(run_dir):
     return [v.numpy() for v in model.trainable_variables], [v.numpy() for v in model.non_trainable_variables]
 
 
-def _relative_moves(before, after, reference):
-    """Per variable: |move - reference move| / |reference move|."""
-    errors = []
-    for b, a, r in zip(before, after, reference):
-        assert np.linalg.norm(r - b) > 0
-        errors.append(np.linalg.norm((a - b) - (r - b)) / np.linalg.norm(r - b))
-    return np.array(errors)
-
-
 def test_process_per_gpu_trains_to_the_weights_of_one_device_on_the_joined_batch(tmp_path):
     """``distribute_main.py --process-per-gpu`` (two worker processes launched by the script,
     each with its own input pipeline, one picture per worker; CPU here) with ``--sync-batchnorm``
@@ -156,7 +147,7 @@ def test_process_per_gpu_trains_to_the_weights_of_one_device_on_the_joined_batch
     normalising its own picture): median 1.6 and 0.2. A worker reading the other's picture, or a
     gradient counted twice or left out, moves every variable by another gradient."""
     import main
-    from training_helpers import random_head_run
+    from training_helpers import random_head_run, relative_moves
 
     init = tmp_path / "init"
     random_head_run(str(init), joint_heatmaps=True)          # the preset's three heads
@@ -180,7 +171,7 @@ def test_process_per_gpu_trains_to_the_weights_of_one_device_on_the_joined_batch
     assert main.run_cli(args) == 0
     (before, before_stats), (workers, worker_stats), (one, one_stats) = (
         _weights_after(str(tmp_path / name)) for name in ("init", "workers", "one"))
-    moves, stats = _relative_moves(before, workers, one), _relative_moves(before_stats, worker_stats, one_stats)
+    moves, stats = relative_moves(before, workers, one), relative_moves(before_stats, worker_stats, one_stats)
     print(f"process-per-gpu vs one device, relative error of the move: trainable median {np.median(moves):.1e}, "
           f"worst {moves.max():.1e}; moving statistics median {np.median(stats):.1e}, worst {stats.max():.1e}")
     assert np.median(moves) < 1e-4 and moves.max() < 2e-3, (np.median(moves), moves.max())

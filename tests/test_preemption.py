@@ -159,11 +159,8 @@ def test_sigterm_to_the_process_per_gpu_launcher_during_start_up_stops_both_work
         launcher = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
         # both workers have made their strategy (TensorFlow loaded) and are building the trainer
-        deadline = time.time() + 240
-        while time.time() < deadline and launcher.poll() is None:
-            if open(log).read().count("MultiWorkerMirroredStrategy with 2 replicas") == 2:
-                break
-            time.sleep(0.05)
+        assert wait_for(log, "MultiWorkerMirroredStrategy with 2 replicas", [launcher], count=2), \
+            open(log).read()[-3000:]
         os.killpg(launcher.pid, signal.SIGTERM)
         assert launcher.wait(timeout=120) == 75, open(log).read()[-3000:]
     text = open(log).read()

@@ -221,14 +221,26 @@ def newest_step(ckpt_dir) -> int:
     return int(latest.rsplit("-", 1)[1])
 
 
-def wait_for(path, text, procs, timeout=240):
-    """Until ``text`` appears in the file ``path`` (a process's console), while ``procs`` run."""
+def wait_for(path, text, procs, timeout=240, count=1):
+    """Until ``text`` appears (``count`` times) in the file ``path`` (a process's console), while
+    ``procs`` run."""
     deadline = time.time() + timeout
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        if os.path.exists(path) and text in open(path).read():
+        if os.path.exists(path) and open(path).read().count(text) >= count:
             return True
         time.sleep(0.1)
     return False
+
+
+def relative_moves(before, after, reference):
+    """Per variable, the relative error of a step's move against a reference run's move from the
+    same weights: ``|(after - before) - (reference - before)| / |reference - before|``; every
+    variable must have moved in the reference."""
+    errors = []
+    for i, (b, a, r) in enumerate(zip(before, after, reference)):
+        assert np.linalg.norm(r - b) > 0, f"variable {i} did not move"
+        errors.append(np.linalg.norm((a - b) - (r - b)) / np.linalg.norm(r - b))
+    return np.array(errors)
 
 
 def saved_steps(ckpts):
