@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -8,6 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Grappler off in the test processes (tests/site/sitecustomize.py says why): in this one now, in
+# every process it starts through PYTHONPATH.
+SITE = os.path.join(ROOT, "tests", "site")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), SITE) if p)
+_spec = importlib.util.spec_from_file_location("spm_test_site", os.path.join(SITE, "sitecustomize.py"))
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))          # installs the hook
 
 DATA_DIR = os.path.join(ROOT, "tests", "data", "ai_challenger_keypoint_example")
 AIC_ANNOTATIONS = os.path.join(DATA_DIR, "keypoint_annotations_example.json")

@@ -143,7 +143,8 @@ def _cli(synth_dir, run_dir, *extra):
 
 def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_dir, capsys):
     """A run of 1 replica x batch 4 resumes on 2 logical CPU replicas x batch 2 (the same global
-    batch: epoch, schedule and data position continue; a warning says what changes), and is
+    batch: epoch, schedule and data position continue; a warning says what changes; TensorFlow's
+    graph optimiser on, as users run), and is
     refused with another global batch (1 x 8) naming both and the batch that fits, the
     checkpoints left as they were."""
     import main
@@ -159,9 +160,11 @@ def test_resume_keeps_the_global_batch_not_the_replica_layout(tmp_path, synth_di
     assert "this run has 8 (1 replica(s) x batch 8)" in err and "--batch-size 4" in err
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
     script = os.path.join(ROOT, "distribute_main.py")
+    # TensorFlow's graph optimiser on in this run, as users run (the other test processes leave it
+    # off for time: tests/site/sitecustomize.py)
     split = subprocess.run([sys.executable, script, "--cpu-replicas", "2",
                             *_cli(synth_dir, run_dir, "--batch-size", "2", "--lr-schedule", "cosine", "--epochs", "2")],
-                           env=_env(), capture_output=True, text=True, timeout=300)
+                           env=_env(SPM_TEST_GRAPPLER="on"), capture_output=True, text=True, timeout=300)
     assert split.returncode == 0, split.stderr[-3000:]
     result = json.loads(split.stdout.strip().splitlines()[-1])
     assert result["resumed_from"].endswith("ckpt-2") and result["steps"] == 4 and result["epochs"] == 2

@@ -23,9 +23,11 @@ from config import get_preset  # noqa: E402
 def subprocess_env(**extra):
     """The environment of a training subprocess: this one without TF_CONFIG, no GPU visible
     (the tests run on the CPU, also on a GPU host; the launcher sets its workers' own), the
-    repository on PYTHONPATH, plus ``extra``."""
+    repository on PYTHONPATH and tests/site (Grappler off: tests/site/sitecustomize.py), plus
+    ``extra``."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "site")]),
+               CUDA_VISIBLE_DEVICES="")
     env.update(extra)
     return env
 
