@@ -15,11 +15,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SITE = os.path.join(ROOT, "tests", "site")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), SITE) if p)
 _spec = importlib.util.spec_from_file_location("spm_test_site", os.path.join(SITE, "sitecustomize.py"))
-_spec.loader.exec_module(importlib.util.module_from_spec(_spec))          # installs the hook
+_site = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_site)                                            # installs the hook
 
 DATA_DIR = os.path.join(ROOT, "tests", "data", "ai_challenger_keypoint_example")
 AIC_ANNOTATIONS = os.path.join(DATA_DIR, "keypoint_annotations_example.json")
 AIC_PREDICTIONS = os.path.join(DATA_DIR, "keypoint_predictions_example.json")
+
+
+@pytest.fixture
+def graph_optimiser_on():
+    """TensorFlow's Grappler on during the test, as users run (off in the other tests:
+    tests/site/sitecustomize.py)."""
+    _site.grappler_on(True)
+    yield
+    _site.grappler_on(False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ rounding (after 2 steps of the tiny trunk with Adam, 6.5e-5 of a weight's range 
 normalised steps make such differences grow over a run, so tests never compare a run with it
 against a run without it). Users' runs keep it on; ``SPM_TEST_GRAPPLER=on`` in a process's
 environment keeps it on there: the ``distribute_main.py --cpu-replicas 2`` run of
-tests/test_training.py (MirroredStrategy's path as users run it).
+tests/test_training.py (MirroredStrategy's path as users run it); the ``graph_optimiser_on``
+fixture of tests/conftest.py, in one test: tests/test_real_photos.py (the README's numbers).
 """
 
 import importlib.machinery
@@ -19,8 +20,16 @@ import os
 import sys
 
 
-def _configure(tf):
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+def _configure(tf, on: bool = False):
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
+
+
+def grappler_on(on: bool):
+    """Switch it on (True) or back to this process's setting (False) for what runs next in this
+    thread (tests/conftest.py's ``graph_optimiser_on`` fixture)."""
+    import tensorflow as tf
+
+    _configure(tf, on or os.environ.get("SPM_TEST_GRAPPLER", "off") != "off")
 
 
 class _AfterTensorFlowImport:
