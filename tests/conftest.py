@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Grappler off in the test processes (tests/site/sitecustomize.py says why): in this one now, in
 # every process it starts through PYTHONPATH.
-SITE = os.path.join(ROOT, "tests", "site")
+from training_helpers import SITE  # noqa: E402
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), SITE) if p)
 _spec = importlib.util.spec_from_file_location("spm_test_site", os.path.join(SITE, "sitecustomize.py"))
 _site = importlib.util.module_from_spec(_spec)

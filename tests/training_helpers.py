@@ -14,6 +14,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the test processes' TensorFlow setting (Grappler off): tests/site/sitecustomize.py
+SITE = os.path.join(ROOT, "tests", "site")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -26,7 +28,7 @@ def subprocess_env(**extra):
     repository on PYTHONPATH and tests/site (Grappler off: tests/site/sitecustomize.py), plus
     ``extra``."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "site")]),
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join([ROOT, SITE]),
                CUDA_VISIBLE_DEVICES="")
     env.update(extra)
     return env

@@ -20,6 +20,10 @@ import os
 import sys
 
 
+def _on_in_this_process() -> bool:
+    return os.environ.get("SPM_TEST_GRAPPLER", "off") != "off"
+
+
 def _configure(tf, on: bool = False):
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
 
@@ -29,7 +33,7 @@ def grappler_on(on: bool):
     thread (tests/conftest.py's ``graph_optimiser_on`` fixture)."""
     import tensorflow as tf
 
-    _configure(tf, on or os.environ.get("SPM_TEST_GRAPPLER", "off") != "off")
+    _configure(tf, on or _on_in_this_process())
 
 
 class _AfterTensorFlowImport:
@@ -54,7 +58,7 @@ class _AfterTensorFlowImport:
 
 def install():
     """Once per process (here at start-up; again from tests/conftest.py, a no-op then)."""
-    if os.environ.get("SPM_TEST_GRAPPLER", "off") != "off":
+    if _on_in_this_process():
         return
     if "tensorflow" in sys.modules:
         _configure(sys.modules["tensorflow"])
