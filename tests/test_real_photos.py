@@ -28,8 +28,8 @@ PHOTOS = os.path.join(ROOT, "tests", "data", "real_photos")
 # steps: a case dropped from the suite for its time.)
 # The spread of these 250 steps, which the limits below must leave room for (three people in two
 # pictures: one joint more or less near a threshold moves AP a lot), measured over 6 runs of each
-# case (--seed 0, 1, 2, TensorFlow's graph optimiser on and off, as the tests run:
-# tests/site/sitecustomize.py), same machine, 2026-12-04: COCO AP 0.29 to 0.76 (AP50 0.55 once,
+# case (--seed 0, 1, 2, TensorFlow's graph optimiser on, as this test runs, and off, as most
+# tests run: tests/site/sitecustomize.py), same machine, 2026-12-04: COCO AP 0.29 to 0.76 (AP50 0.55 once,
 # 1.0 otherwise); CrowdPose AP 0.57 to 0.87 (AP50 0.90 to 1.0). An untrained model scores 0.
 # What the limits catch is a path that does not learn the photos at all: the COCO reader made to
 # swap x and y scored 0.0 (AP50 0.0) in both cases (seed 0). A broken flip relabelling still
